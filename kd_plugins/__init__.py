@@ -1,0 +1,53 @@
+"""kd_plugins: knowledge distillation for LLMs as plug-ins for the Hugging Face fine-tuning stack.
+
+Core imports torch and pluggy only; ``kd_plugins.integrations`` holds the transformers/TRL/PEFT adapters.
+"""
+
+from kd_plugins.config import KDConfig, SchedulerConfig, TermConfig
+from kd_plugins.distiller import Distiller, DistillOutput
+from kd_plugins.errors import (
+    ConfigError,
+    DuplicateComponentError,
+    IncompatibleModelsError,
+    KDError,
+    PluginLoadError,
+    UnknownComponentError,
+)
+from kd_plugins.hookspecs import hookimpl
+from kd_plugins.plugins import available_components, get_plugin_manager, reset_plugin_manager
+from kd_plugins.types import (
+    BatchContext,
+    DistillationTerm,
+    GradientProbe,
+    ModelCapture,
+    ModelInfo,
+    Requirements,
+    WeightScheduler,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchContext",
+    "ConfigError",
+    "DistillOutput",
+    "DistillationTerm",
+    "Distiller",
+    "DuplicateComponentError",
+    "GradientProbe",
+    "IncompatibleModelsError",
+    "KDConfig",
+    "KDError",
+    "ModelCapture",
+    "ModelInfo",
+    "PluginLoadError",
+    "Requirements",
+    "SchedulerConfig",
+    "TermConfig",
+    "UnknownComponentError",
+    "WeightScheduler",
+    "available_components",
+    "get_plugin_manager",
+    "hookimpl",
+    "reset_plugin_manager",
+]

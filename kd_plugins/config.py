@@ -1,0 +1,209 @@
+"""Configuration: flat dataclasses validated on construction, with a dict/YAML round-trip.
+
+Example (YAML)::
+
+    ce_weight: 1.0
+    terms:
+      - {name: dkd, weight: 1.0, alpha: 1.0, beta: 2.0, temperature: 1.0}
+      - {name: contrastive, weight: 0.5, layers: uniform, proj_dim: 256, temperature: 0.07, max_tokens: 1024}
+      - {name: attention_relation, weight: 0.5, teacher_layer: -2, student_layer: -1, relation_heads: 8}
+    scheduler: {name: linear, warmup_steps: 100}
+
+A term entry is flat: ``name``, ``weight`` and ``label`` are read by kd_plugins; every other key is passed to
+the term's builder. ``label`` (default: the name) is the key used in logs; use it to configure one term twice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from kd_plugins.errors import ConfigError
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_NONFINITE = ("raise", "skip")
+
+
+def _check_number(owner: str, key: str, value: Any, *, minimum: float = 0.0, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum)
+    if not ok:
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ConfigError(f"{owner}: {key}={value!r} is invalid; expected a finite number {bound}")
+
+
+@dataclass
+class TermConfig:
+    """One transfer term.
+
+    Attributes:
+        name: registered component name (``kd-plugins list`` shows them).
+        weight: base weight (>= 0); the scheduler scales it per step.
+        label: key in logs and state; defaults to ``name``. Must be unique within a config.
+        options: keyword arguments for the term's builder (``temperature``, ``layers``, ...).
+    """
+
+    name: str
+    weight: float = 1.0
+    label: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"terms: name={self.name!r} is invalid; expected a registered term name")
+        owner = f"terms[{self.label or self.name}]"
+        _check_number(owner, "weight", self.weight)
+        if self.label is None:
+            self.label = self.name
+        if "temperature" in self.options:
+            _check_number(owner, "temperature", self.options["temperature"], strict=True)
+        for key in ("alpha", "beta"):
+            if key in self.options:
+                _check_number(owner, key, self.options[key])
+        if self.name in ("generalized_jsd",) and "beta" in self.options and self.options["beta"] > 1:
+            raise ConfigError(f"{owner}: beta={self.options['beta']!r} is invalid; expected 0 <= beta <= 1")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | str) -> "TermConfig":
+        if isinstance(data, str):
+            return cls(name=data)
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"terms: each entry must be a mapping with a 'name' key, got {data!r}")
+        data = dict(data)
+        if "name" not in data:
+            raise ConfigError(f"terms: entry {data!r} has no 'name' key")
+        options = dict(data.pop("options", {}) or {})
+        name, weight, label = data.pop("name"), data.pop("weight", 1.0), data.pop("label", None)
+        options.update(data)
+        return cls(name=name, weight=weight, label=label, options=options)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "weight": self.weight}
+        if self.label != self.name:
+            out["label"] = self.label
+        out.update(self.options)
+        return out
+
+
+@dataclass
+class SchedulerConfig:
+    """The transfer-weight scheduler: a registered name plus its builder's options."""
+
+    name: str = "constant"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"scheduler: name={self.name!r} is invalid; expected a registered scheduler name")
+        for key in ("warmup_steps", "every"):
+            if key in self.options:
+                value = self.options[key]
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ConfigError(f"scheduler: {key}={value!r} is invalid; expected an integer >= 0")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | str | None) -> "SchedulerConfig":
+        if data is None:
+            return cls()
+        if isinstance(data, str):
+            return cls(name=data)
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"scheduler: expected a mapping like {{name: linear, warmup_steps: 100}}, got {data!r}")
+        data = dict(data)
+        options = dict(data.pop("options", {}) or {})
+        name = data.pop("name", "constant")
+        options.update(data)
+        return cls(name=name, options=options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.options}
+
+
+@dataclass
+class KDConfig:
+    """Everything kd_plugins needs to know about one distillation run.
+
+    Attributes:
+        ce_weight: weight of the host trainer's own task (cross-entropy) loss; 0 gives pure distillation.
+        terms: transfer terms, each a :class:`TermConfig` (dicts are converted).
+        scheduler: :class:`SchedulerConfig` deciding each term's weight per step.
+        teacher_dtype: dtype the teacher is loaded or cast to: ``auto`` (the student's), ``float32``,
+            ``bfloat16`` or ``float16``.
+        projector_lr: learning rate for projectors and other trainable Distiller parameters; None uses the
+            trainer's learning rate.
+        on_nonfinite_teacher: ``raise`` (default) or ``skip`` the transfer terms of a step whose teacher outputs
+            contain NaN/inf.
+        shared_params: for gradient-aware schedulers, the student parameters on which per-term gradients are
+            compared (``final_norm``, ``last_layer``, or a parameter-name substring).
+    """
+
+    ce_weight: float = 1.0
+    terms: list[TermConfig] = field(default_factory=list)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    teacher_dtype: str = "auto"
+    projector_lr: float | None = None
+    on_nonfinite_teacher: str = "raise"
+    shared_params: str = "final_norm"
+
+    def __post_init__(self) -> None:
+        self.terms = [t if isinstance(t, TermConfig) else TermConfig.from_dict(t) for t in (self.terms or [])]
+        if not isinstance(self.scheduler, SchedulerConfig):
+            self.scheduler = SchedulerConfig.from_dict(self.scheduler)
+        _check_number("KDConfig", "ce_weight", self.ce_weight)
+        if self.teacher_dtype not in _DTYPES:
+            raise ConfigError(f"KDConfig: teacher_dtype={self.teacher_dtype!r} is invalid; expected one of {_DTYPES}")
+        if self.on_nonfinite_teacher not in _NONFINITE:
+            raise ConfigError(
+                f"KDConfig: on_nonfinite_teacher={self.on_nonfinite_teacher!r} is invalid; expected one of {_NONFINITE}"
+            )
+        if self.projector_lr is not None:
+            _check_number("KDConfig", "projector_lr", self.projector_lr, strict=True)
+        labels = [t.label for t in self.terms]
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ConfigError(
+                f"KDConfig: terms {duplicates} appear more than once; give each copy a distinct 'label'"
+            )
+        if not self.terms and self.ce_weight == 0:
+            raise ConfigError("KDConfig: no terms and ce_weight=0 leaves nothing to train; add a term or set ce_weight")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "KDConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"KDConfig: expected a mapping, got {type(data).__name__}")
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise ConfigError(f"KDConfig: unknown keys {unknown}; allowed keys: {sorted(allowed)}")
+        return cls(**dict(data))
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> "KDConfig":
+        """Load from a YAML file path or a YAML string (safe loading only)."""
+        text = Path(source).read_text() if _looks_like_path(source) else str(source)
+        data = yaml.safe_load(text) or {}
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "terms":
+                value = [t.to_dict() for t in value]
+            elif f.name == "scheduler":
+                value = value.to_dict()
+            out[f.name] = value
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _looks_like_path(source: str | Path) -> bool:
+    if isinstance(source, Path):
+        return True
+    return "\n" not in source and source.endswith((".yaml", ".yml")) and Path(source).exists()

@@ -1,0 +1,209 @@
+"""The Distiller: builds the configured terms and scheduler through the registry, owns every trainable
+distillation parameter (projectors, learned temperatures, scheduler parameters), and turns captured student and
+teacher tensors into the weighted loss.
+
+It never owns the student or the teacher: integrations capture their tensors and pass them in.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import pluggy
+import torch
+from torch import Tensor, nn
+
+from kd_plugins.config import KDConfig
+from kd_plugins.errors import ConfigError
+from kd_plugins.plugins import family_of, get_component, get_plugin_manager
+from kd_plugins.types import (
+    BatchContext,
+    DistillationTerm,
+    GradientProbe,
+    ModelCapture,
+    ModelInfo,
+    Requirements,
+    WeightScheduler,
+)
+
+
+@dataclass
+class DistillOutput:
+    """Result of one :meth:`Distiller.forward`.
+
+    Attributes:
+        loss: ``ce_weight * task_loss + transfer`` (just ``transfer`` without a task loss); backpropagate this.
+        transfer: the weighted sum of transfer terms.
+        losses: ``{label: unweighted loss}``, detached.
+        weights: ``{label: weight}`` applied this step, as floats.
+        metrics: extra scalars from terms and scheduler, ready to log.
+    """
+
+    loss: Tensor
+    transfer: Tensor
+    losses: dict[str, Tensor]
+    weights: dict[str, float]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def log_dict(self, prefix: str = "kd/") -> dict[str, float]:
+        """Flat ``{name: float}`` for a trainer's logs: per-term losses, weights and extra metrics."""
+        out = {f"{prefix}loss/{k}": float(v) for k, v in self.losses.items()}
+        out.update({f"{prefix}weight/{k}": float(v) for k, v in self.weights.items()})
+        out.update({f"{prefix}{k}": float(v) for k, v in self.metrics.items()})
+        out[f"{prefix}transfer"] = float(self.transfer.detach())
+        return out
+
+
+class Distiller(nn.Module):
+    """Owns the transfer terms and the weight scheduler of one distillation run.
+
+    Args:
+        config: the :class:`KDConfig` (or a dict for it).
+        student: the student's :class:`ModelInfo`.
+        teacher: the teacher's :class:`ModelInfo`.
+        plugin_manager: the pluggy manager to resolve names with (default: the process-wide one).
+
+    Raises:
+        UnknownComponentError: a term or scheduler name is not registered (the message lists the names).
+        ConfigError: a builder rejected its options (the message names the term and the accepted options).
+        IncompatibleModelsError: the models cannot be distilled with a term (e.g. vocabulary mismatch).
+    """
+
+    def __init__(
+        self,
+        config: KDConfig | dict,
+        *,
+        student: ModelInfo,
+        teacher: ModelInfo,
+        plugin_manager: pluggy.PluginManager | None = None,
+    ):
+        super().__init__()
+        self.config = config if isinstance(config, KDConfig) else KDConfig.from_dict(config)
+        self.student_info = student
+        self.teacher_info = teacher
+        self._pm = plugin_manager or get_plugin_manager()
+        self.terms = nn.ModuleDict()
+        self.base_weights: dict[str, float] = {}
+        for term_config in self.config.terms:
+            family = family_of(term_config.name, self._pm)
+            component = get_component(family, term_config.name, self._pm)
+            term = _call_builder(
+                component.builder,
+                f"term {term_config.label!r} ({term_config.name})",
+                dict(student=student, teacher=teacher),
+                term_config.options,
+            )
+            if not isinstance(term, DistillationTerm):
+                raise TypeError(
+                    f"builder of {term_config.name!r} from {component.provider!r} returned "
+                    f"{type(term).__name__}, expected a kd_plugins.DistillationTerm"
+                )
+            self.terms[term_config.label] = term
+            self.base_weights[term_config.label] = float(term_config.weight)
+        scheduler_component = get_component("scheduler", self.config.scheduler.name, self._pm)
+        self.scheduler: WeightScheduler = _call_builder(
+            scheduler_component.builder,
+            f"scheduler {self.config.scheduler.name!r}",
+            dict(base_weights=dict(self.base_weights)),
+            self.config.scheduler.options,
+        )
+        self._pm.hook.kd_distiller_built(distiller=self, config=self.config)
+
+    # --- what to capture ----------------------------------------------------------------------------------
+
+    def requirements(self) -> Requirements:
+        """The union of what every term needs captured from the student and the teacher."""
+        req = Requirements()
+        for term in self.terms.values():
+            req = req.merge(term.requirements())
+        return req
+
+    # --- the step -----------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        student: ModelCapture,
+        teacher: ModelCapture,
+        batch: BatchContext,
+        *,
+        task_loss: Tensor | None = None,
+        shared_params: Iterable[Tensor] | None = None,
+    ) -> DistillOutput:
+        """Compute every term, ask the scheduler for weights and combine.
+
+        Args:
+            student, teacher: captures of this batch (see :class:`ModelCapture`).
+            batch: shared per-batch facts (targets, masks, step, normaliser).
+            task_loss: the host's task loss (e.g. CE), already normalised like the host does it.
+            shared_params: student parameters for gradient-aware schedulers (only used on steps where the
+                scheduler asks for gradients).
+        """
+        losses = {label: term(student, teacher, batch) for label, term in self.terms.items()}
+        probe = None
+        if shared_params is not None and self.scheduler.needs_gradients(batch.step):
+            probe_losses = dict(losses)
+            if task_loss is not None:
+                probe_losses["task"] = task_loss
+            probe = GradientProbe(probe_losses, list(shared_params))
+        weights = self.scheduler.weights(step=batch.step, losses=losses, gradients=probe)
+        missing = set(losses) - set(weights)
+        if missing:
+            raise RuntimeError(f"scheduler {self.config.scheduler.name!r} returned no weight for {sorted(missing)}")
+        device = _device_of(losses, task_loss, batch)
+        transfer = torch.zeros((), device=device)
+        for label, loss in losses.items():
+            transfer = transfer + weights[label] * loss
+        total = transfer if task_loss is None else self.config.ce_weight * task_loss + transfer
+        float_weights = {k: float(weights[k]) for k in losses}
+        detached = {k: v.detach() for k, v in losses.items()}
+        metrics: dict[str, float] = {}
+        for label, term in self.terms.items():
+            metrics.update({f"{label}/{k}": v for k, v in term.extra_metrics().items()})
+        metrics.update({f"scheduler/{k}": v for k, v in self.scheduler.metrics().items()})
+        self._pm.hook.kd_step_end(step=batch.step, total=transfer, losses=detached, weights=float_weights)
+        return DistillOutput(loss=total, transfer=transfer, losses=detached, weights=float_weights, metrics=metrics)
+
+    # --- state --------------------------------------------------------------------------------------------
+
+    def kd_state_dict(self) -> dict[str, Tensor]:
+        """Every tensor of the distillation state (projectors, learned temperatures, scheduler), detached and on
+        CPU: safe to write with safetensors."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    def load_kd_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`kd_state_dict` produced; mismatched keys are an error that lists them."""
+        result = self.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ConfigError(
+                "KD state does not match this configuration: missing "
+                f"{result.missing_keys}, unexpected {result.unexpected_keys}. Was it saved with another KD config?"
+            )
+
+
+def _call_builder(builder, what: str, fixed: dict[str, Any], options: dict[str, Any]):
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        accepted = [n for n in signature.parameters if n not in fixed]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ConfigError(f"{what}: unknown option(s) {unknown}; accepted options: {accepted}")
+    try:
+        return builder(**fixed, **options)
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, ConfigError) or type(exc).__module__.startswith("kd_plugins"):
+            raise
+        raise ConfigError(f"{what}: {exc}") from exc
+
+
+def _device_of(losses: dict[str, Tensor], task_loss: Tensor | None, batch: BatchContext) -> torch.device:
+    for value in [*losses.values(), task_loss]:
+        if isinstance(value, Tensor):
+            return value.device
+    return batch.labels.device
+
+

@@ -1,0 +1,8 @@
+"""The functional level: pure tensor-in, tensor-out losses.
+
+Module forms (``nn.Module`` terms built by the registry) live in :mod:`kd_plugins.components` and call these.
+"""
+
+from kd_plugins.functional._common import IGNORE_INDEX, normalize_token_sum, shift_labels, valid_mask
+
+__all__ = ["IGNORE_INDEX", "normalize_token_sum", "shift_labels", "valid_mask"]

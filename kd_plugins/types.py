@@ -1,0 +1,260 @@
+"""The data contracts between captures, transfer terms, schedulers and the Distiller.
+
+Layer indices: ``i`` names the *output* of decoder block ``i`` (0-based); negative indices count from the end
+(``-1`` is the last block's output, before the final norm). ``final_hidden`` is the final-norm output that the
+LM head consumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The shape facts of one model that builders need (no weights).
+
+    Build with :meth:`from_config` from any Hugging Face style config object (duck-typed: no transformers
+    import).
+    """
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    name: str = "model"
+
+    @classmethod
+    def from_config(cls, config: Any, name: str = "model") -> "ModelInfo":
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config()
+        hidden = int(config.hidden_size)
+        heads = int(getattr(config, "num_attention_heads", 1) or 1)
+        kv = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = getattr(config, "head_dim", None) or hidden // heads
+        return cls(
+            hidden_size=hidden,
+            num_layers=int(config.num_hidden_layers),
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=int(head_dim),
+            vocab_size=int(config.vocab_size),
+            name=name,
+        )
+
+    def resolve_layer(self, index: int) -> int:
+        """Turn a possibly negative layer index into ``0..num_layers-1``; raise ``IndexError`` if out of range."""
+        resolved = index + self.num_layers if index < 0 else index
+        if not 0 <= resolved < self.num_layers:
+            raise IndexError(
+                f"layer {index} is out of range for {self.name} with {self.num_layers} layers "
+                f"(allowed: {-self.num_layers}..{self.num_layers - 1})"
+            )
+        return resolved
+
+
+@dataclass
+class Requirements:
+    """What a term needs captured. Layer indices are resolved (non-negative)."""
+
+    student_layers: set[int] = field(default_factory=set)
+    teacher_layers: set[int] = field(default_factory=set)
+    student_qkv_layers: set[int] = field(default_factory=set)
+    teacher_qkv_layers: set[int] = field(default_factory=set)
+    final_hidden: bool = False  # final hidden states + LM head of both models
+
+    def merge(self, other: "Requirements") -> "Requirements":
+        return Requirements(
+            self.student_layers | other.student_layers,
+            self.teacher_layers | other.teacher_layers,
+            self.student_qkv_layers | other.student_qkv_layers,
+            self.teacher_qkv_layers | other.teacher_qkv_layers,
+            self.final_hidden or other.final_hidden,
+        )
+
+
+@dataclass
+class ModelCapture:
+    """Tensors captured from one forward pass of one model.
+
+    Attributes:
+        hidden_states: ``{layer: (B, T, H)}`` block outputs.
+        qkv: ``{layer: (q, k, v)}`` projection outputs, ``q: (B, T, n_heads*head_dim)``,
+            ``k, v: (B, T, n_kv_heads*head_dim)`` (before RoPE).
+        final_hidden: ``(B, T, H)`` final-norm output.
+        lm_head_weight: ``(V, H)``; ``lm_head_bias``: ``(V,)`` or None.
+        logit_scale: multiplier applied to logits by the model (1.0 for Llama/Qwen).
+        logit_softcap: final-logit soft-capping value, or None.
+        info: the model's :class:`ModelInfo`.
+        topk_logprobs / topk_indices: ``(B, T, k)`` when the teacher comes from an offline cache instead of a
+            live forward (then ``final_hidden`` is None).
+    """
+
+    info: ModelInfo
+    hidden_states: dict[int, Tensor] = field(default_factory=dict)
+    qkv: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    final_hidden: Tensor | None = None
+    lm_head_weight: Tensor | None = None
+    lm_head_bias: Tensor | None = None
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
+    topk_logprobs: Tensor | None = None
+    topk_indices: Tensor | None = None
+
+
+@dataclass
+class BatchContext:
+    """Per-batch facts shared by all terms.
+
+    Attributes:
+        labels: ``(B, T)`` next-token targets *aligned with positions*: ``labels[b, t]`` is the token that
+            position ``t`` predicts (the Hugging Face causal-LM labels shifted left by one, see
+            :func:`kd_plugins.functional.shift_labels`); ``ignore_index`` where no target.
+        token_mask: ``(B, T)`` bool, True for real (non-padding) tokens; alignment terms use it.
+        sequence_ids: ``(B, T)`` long, the packed-sequence id of each token (all zeros for unpacked rows,
+            ``-1`` on padding). Relation terms never relate tokens with different ids.
+        num_items_in_batch: normaliser for logit terms (the host trainer's count of target tokens over the
+            whole gradient-accumulation step and all ranks), or None to use this batch's count.
+        step: the optimisation step.
+    """
+
+    labels: Tensor
+    token_mask: Tensor
+    sequence_ids: Tensor
+    num_items_in_batch: Tensor | int | None = None
+    step: int = 0
+    ignore_index: int = -100
+
+    @classmethod
+    def from_inputs(
+        cls,
+        *,
+        labels: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        num_items_in_batch: Tensor | int | None = None,
+        step: int = 0,
+        ignore_index: int = -100,
+    ) -> "BatchContext":
+        """Build from a Hugging Face causal-LM batch (HF label convention: unshifted).
+
+        Packed / padding-free batches are recognised by ``position_ids`` restarting at 0 inside a row.
+        Without labels, every next real token is a target.
+        """
+        from kd_plugins.functional import shift_labels  # local: functional imports this module
+
+        reference = labels if labels is not None else input_ids
+        if reference is None:
+            raise ValueError("BatchContext.from_inputs needs labels or input_ids")
+        if attention_mask is not None:
+            token_mask = attention_mask.bool()
+        else:
+            token_mask = torch.ones_like(reference, dtype=torch.bool)
+        if labels is None:
+            labels = input_ids.masked_fill(~token_mask, ignore_index)
+        if position_ids is not None:
+            starts = position_ids == 0
+            starts[:, 0] = True
+            sequence_ids = torch.cumsum(starts.long(), dim=1) - 1
+        else:
+            sequence_ids = torch.zeros_like(reference, dtype=torch.long)
+        sequence_ids = sequence_ids.masked_fill(~token_mask, -1)
+        shifted = shift_labels(labels, ignore_index=ignore_index)
+        if position_ids is not None:
+            # the last token of a packed sequence must not predict the first token of the next one
+            next_seq = torch.nn.functional.pad(sequence_ids[:, 1:], (0, 1), value=-1)
+            shifted = shifted.masked_fill(next_seq != sequence_ids, ignore_index)
+        return cls(
+            labels=shifted,
+            token_mask=token_mask,
+            sequence_ids=sequence_ids,
+            num_items_in_batch=num_items_in_batch,
+            step=step,
+            ignore_index=ignore_index,
+        )
+
+
+class DistillationTerm(nn.Module):
+    """Base class of transfer terms (logit or alignment).
+
+    A term owns its trainable parts (projectors, learnable temperatures). ``forward`` returns a 0-dim fp32
+    loss, finite, and exactly 0 when nothing is valid in the batch.
+    """
+
+    family: str = ""
+
+    def requirements(self) -> Requirements:
+        return Requirements()
+
+    def forward(self, student: ModelCapture, teacher: ModelCapture, batch: BatchContext) -> Tensor:  # noqa: D401
+        raise NotImplementedError
+
+    def extra_metrics(self) -> dict[str, float]:
+        """Optional scalars to log beside the loss (e.g. a learned temperature)."""
+        return {}
+
+
+class WeightScheduler(nn.Module):
+    """Base class of transfer-weight schedulers.
+
+    Contract: each step the Distiller calls ``weights(step=..., losses=..., gradients=...)`` and gets
+    ``{term: weight}`` (floats or 0-dim tensors; a tensor with ``requires_grad`` lets a scheduler learn through
+    the loss, as uncertainty weighting does). ``gradients`` is None unless ``needs_gradients(step)`` returned
+    True for this step; then it is a :class:`GradientProbe` giving per-term gradients on a small shared parameter
+    set, computed with ``torch.autograd.grad`` (no second backward of the whole model).
+
+    State is the module's ``state_dict()`` (buffers and parameters) plus anything returned by ``extra_state``.
+    """
+
+    def needs_gradients(self, step: int) -> bool:
+        return False
+
+    def weights(
+        self, *, step: int, losses: Mapping[str, Tensor], gradients: "GradientProbe | None" = None
+    ) -> dict[str, float | Tensor]:
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, float]:
+        """Optional scalars to log (e.g. gradient norms)."""
+        return {}
+
+
+class GradientProbe:
+    """Lazily computes per-term gradients on a shared parameter set.
+
+    ``grad(name)`` returns the flattened gradient of the *unweighted* loss of term ``name`` (or ``"task"``
+    for the host's CE loss) with respect to ``params``, computed once and cached.
+    """
+
+    def __init__(self, losses: Mapping[str, Tensor], params: list[Tensor]):
+        self._losses = dict(losses)
+        self._params = [p for p in params if p.requires_grad]
+        self._cache: dict[str, Tensor] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._losses)
+
+    def grad(self, name: str) -> Tensor:
+        if name not in self._cache:
+            loss = self._losses[name]
+            if not self._params:
+                raise RuntimeError("GradientProbe has no trainable shared parameters")
+            if not loss.requires_grad:
+                self._cache[name] = torch.zeros(sum(p.numel() for p in self._params), device=loss.device)
+            else:
+                grads = torch.autograd.grad(loss, self._params, retain_graph=True, allow_unused=True)
+                self._cache[name] = torch.cat(
+                    [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, self._params)]
+                )
+        return self._cache[name]
+
+    def norm(self, name: str) -> Tensor:
+        return self.grad(name).norm()
