@@ -1,0 +1,187 @@
+"""The Distiller: building through the registry, combining, hooks, state. Uses in-test plugins so the
+contract is tested independently of the built-in terms."""
+
+import pytest
+import torch
+from torch import nn
+
+import kd_plugins
+from kd_plugins import (
+    BatchContext,
+    ConfigError,
+    DistillationTerm,
+    Distiller,
+    KDConfig,
+    ModelCapture,
+    ModelInfo,
+    Requirements,
+    UnknownComponentError,
+    WeightScheduler,
+    hookimpl,
+)
+
+STUDENT = ModelInfo(hidden_size=6, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=3, vocab_size=11, name="student")
+TEACHER = ModelInfo(hidden_size=8, num_layers=4, num_heads=2, num_kv_heads=2, head_dim=4, vocab_size=11, name="teacher")
+
+
+class ProjectedMSE(DistillationTerm):
+    family = "alignment"
+
+    def __init__(self, student_width, teacher_width, layer=-1):
+        super().__init__()
+        self.proj = nn.Linear(student_width, teacher_width)
+        self.layer = layer
+
+    def requirements(self):
+        return Requirements(student_layers={STUDENT.resolve_layer(self.layer)}, teacher_layers={TEACHER.num_layers - 1})
+
+    def forward(self, student, teacher, batch):
+        s = self.proj(student.hidden_states[STUDENT.resolve_layer(self.layer)])
+        t = teacher.hidden_states[TEACHER.num_layers - 1]
+        per_token = ((s - t) ** 2).mean(-1)
+        return kd_plugins.functional.normalize_token_sum(per_token, batch.token_mask)
+
+
+class RecordingScheduler(WeightScheduler):
+    def __init__(self, base_weights, every=1):
+        super().__init__()
+        self.base_weights = base_weights
+        self.every = every
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.seen_gradients = []
+
+    def needs_gradients(self, step):
+        return step % self.every == 0
+
+    def weights(self, *, step, losses, gradients=None):
+        self.calls += 1
+        if gradients is not None:
+            self.seen_gradients.append({n: float(gradients.norm(n)) for n in gradients.names})
+        return {k: self.base_weights[k] * 2.0 for k in losses}
+
+
+class RecordingPlugin:
+    def __init__(self):
+        self.built = []
+        self.steps = []
+
+    @hookimpl
+    def register_alignment_terms(self, register):
+        def build(student, teacher, layer=-1):
+            return ProjectedMSE(student.hidden_size, teacher.hidden_size, layer)
+
+        register("test_mse", build)
+
+    @hookimpl
+    def register_schedulers(self, register):
+        register("test_recording", RecordingScheduler)
+
+    @hookimpl
+    def kd_distiller_built(self, distiller, config):
+        self.built.append((distiller, config))
+
+    @hookimpl
+    def kd_step_end(self, step, total, losses, weights):
+        self.steps.append((step, float(total.detach()), dict(weights)))
+
+
+@pytest.fixture
+def plugin(clean_plugin_manager):
+    p = RecordingPlugin()
+    kd_plugins.get_plugin_manager().register(p, name="test_plugin")
+    return p
+
+
+def _captures(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = ModelCapture(info=STUDENT, hidden_states={1: torch.randn(2, 5, 6, generator=g, requires_grad=True)})
+    teacher = ModelCapture(info=TEACHER, hidden_states={3: torch.randn(2, 5, 8, generator=g)})
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    batch = BatchContext.from_inputs(labels=labels, attention_mask=torch.ones(2, 5, dtype=torch.long), step=0)
+    return student, teacher, batch
+
+
+def test_combines_weighted_terms_and_calls_hooks(plugin):
+    config = KDConfig(
+        ce_weight=0.5,
+        terms=[{"name": "test_mse", "weight": 0.3}, {"name": "test_mse", "label": "second", "weight": 0.1}],
+        scheduler={"name": "test_recording"},
+    )
+    distiller = Distiller(config, student=STUDENT, teacher=TEACHER)
+    assert plugin.built and plugin.built[0][0] is distiller
+    student, teacher, batch = _captures()
+    task = torch.tensor(2.0, requires_grad=True)
+    out = distiller(student, teacher, batch, task_loss=task)
+    expected_transfer = 0.6 * out.losses["test_mse"] + 0.2 * out.losses["second"]
+    assert torch.allclose(out.transfer, expected_transfer)
+    assert torch.allclose(out.loss, 0.5 * task + expected_transfer)
+    assert out.weights == {"test_mse": pytest.approx(0.6), "second": pytest.approx(0.2)}
+    assert plugin.steps and plugin.steps[0][0] == 0 and plugin.steps[0][2] == out.weights
+    out.loss.backward()
+    assert all(p.grad is not None for p in distiller.parameters())
+    logs = out.log_dict()
+    assert set(logs) >= {"kd/loss/test_mse", "kd/weight/second", "kd/transfer"}
+
+
+def test_requirements_are_merged(plugin):
+    config = KDConfig(terms=[{"name": "test_mse", "layer": 0}, {"name": "test_mse", "label": "b", "layer": -1}])
+    req = Distiller(config, student=STUDENT, teacher=TEACHER).requirements()
+    assert req.student_layers == {0, 1} and req.teacher_layers == {3}
+
+
+def test_gradient_probe_only_on_requested_steps(plugin):
+    config = KDConfig(terms=[{"name": "test_mse"}], scheduler={"name": "test_recording", "every": 2})
+    distiller = Distiller(config, student=STUDENT, teacher=TEACHER)
+    shared = nn.Parameter(torch.ones(6))
+    for step in range(4):
+        student, teacher, batch = _captures(step)
+        student.hidden_states[1] = student.hidden_states[1] * shared  # make the shared parameter matter
+        batch.step = step
+        task = (shared**2).sum()
+        distiller(student, teacher, batch, task_loss=task, shared_params=[shared])
+    seen = distiller.scheduler.seen_gradients
+    assert len(seen) == 2  # steps 0 and 2
+    assert seen[0]["task"] == pytest.approx(float(2 * torch.ones(6).norm()))
+    assert seen[0]["test_mse"] > 0
+
+
+def test_state_round_trip_and_mismatch(plugin):
+    config = KDConfig(terms=[{"name": "test_mse"}], scheduler={"name": "test_recording"})
+    a = Distiller(config, student=STUDENT, teacher=TEACHER)
+    b = Distiller(config, student=STUDENT, teacher=TEACHER)
+    a(*_captures())
+    state = a.kd_state_dict()
+    assert "scheduler.calls" in state and int(state["scheduler.calls"]) == 1
+    b.load_kd_state_dict(state)
+    for key, value in b.state_dict().items():
+        assert torch.equal(value, state[key])
+    other = Distiller(KDConfig(terms=[{"name": "test_mse", "label": "renamed"}]), student=STUDENT, teacher=TEACHER)
+    with pytest.raises(ConfigError, match="missing"):
+        other.load_kd_state_dict(state)
+
+
+def test_unknown_term_and_option_errors(plugin):
+    with pytest.raises(UnknownComponentError, match="test_mse"):
+        Distiller(KDConfig(terms=[{"name": "nonexistent"}]), student=STUDENT, teacher=TEACHER)
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['colour'\]"):
+        Distiller(KDConfig(terms=[{"name": "test_mse", "colour": 3}]), student=STUDENT, teacher=TEACHER)
+    with pytest.raises(UnknownComponentError, match="available scheduler components"):
+        Distiller(KDConfig(terms=[{"name": "test_mse"}], scheduler="nope"), student=STUDENT, teacher=TEACHER)
+
+
+def test_batch_context_packed_sequences():
+    labels = torch.tensor([[5, 6, 7, -100, 8, 9]])
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    batch = BatchContext.from_inputs(labels=labels, position_ids=position_ids)
+    assert batch.sequence_ids.tolist() == [[0, 0, 0, 1, 1, 1]]
+    # targets are shifted; the last token of sequence 0 must not predict sequence 1's first token
+    assert batch.labels.tolist() == [[6, 7, -100, 8, 9, -100]]
+
+
+def test_batch_context_padding():
+    labels = torch.tensor([[1, 2, 3], [4, 5, -100]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    batch = BatchContext.from_inputs(labels=labels, attention_mask=mask)
+    assert batch.sequence_ids.tolist() == [[0, 0, 0], [0, 0, -1]]
+    assert batch.token_mask.tolist() == [[True, True, True], [True, True, False]]
+    assert batch.labels.tolist() == [[2, 3, -100], [5, -100, -100]]
