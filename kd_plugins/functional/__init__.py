@@ -6,3 +6,7 @@ Module forms (``nn.Module`` terms built by the registry) live in :mod:`kd_plugin
 from kd_plugins.functional._common import IGNORE_INDEX, normalize_token_sum, shift_labels, valid_mask
 
 __all__ = ["IGNORE_INDEX", "normalize_token_sum", "shift_labels", "valid_mask"]
+
+from kd_plugins.functional.alignment import attention_relation, contrastive, hidden_cosine, hidden_mse
+
+__all__ += ["attention_relation", "contrastive", "hidden_cosine", "hidden_mse"]
