@@ -26,13 +26,14 @@ def valid_mask(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
 def normalize_token_sum(
     per_token: Tensor, mask: Tensor, num_items_in_batch: Tensor | int | float | None = None
 ) -> Tensor:
-    """Sum ``per_token`` over valid positions and divide by the normaliser, in fp32.
+    """Sum ``per_token`` over valid positions and divide by the normaliser, in fp32 (fp64 stays fp64).
 
     The normaliser is ``num_items_in_batch`` when given (the host trainer's target-token count over a whole
     gradient-accumulation step, so terms scale exactly like its CE loss), else the number of valid positions.
     An all-masked batch gives an exact, finite 0 (never 0/0), with a zero gradient.
     """
-    per_token = per_token.float()
+    if per_token.dtype != torch.float64:
+        per_token = per_token.float()
     total = torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum()
     if num_items_in_batch is None:
         denom = mask.sum().clamp(min=1).to(total.dtype)

@@ -101,7 +101,7 @@ def hidden_mse(student_feats: Tensor, teacher_feats: Tensor, mask: Tensor) -> Te
     _check_features(student_feats, teacher_feats, mask, same_width=True, name="hidden_mse")
     s, t = _masked_inputs(student_feats, teacher_feats, mask)
     per_token = (s - t).pow(2).mean(dim=-1)
-    return _token_mean(per_token, mask)
+    return normalize_token_sum(per_token, mask)
 
 
 def hidden_cosine(student_feats: Tensor, teacher_feats: Tensor, mask: Tensor, *, eps: float = 1e-8) -> Tensor:
@@ -114,7 +114,7 @@ def hidden_cosine(student_feats: Tensor, teacher_feats: Tensor, mask: Tensor, *,
     _check_features(student_feats, teacher_feats, mask, same_width=True, name="hidden_cosine")
     s, t = _masked_inputs(student_feats, teacher_feats, mask)
     cos = (F.normalize(s, dim=-1, eps=eps) * F.normalize(t, dim=-1, eps=eps)).sum(dim=-1)
-    return _token_mean(1.0 - cos, mask)
+    return normalize_token_sum(1.0 - cos, mask)
 
 
 def attention_relation(
@@ -192,7 +192,7 @@ def attention_relation(
         log_t = _relation_log_probs(teacher_x, relation_heads, allowed)
         kl = torch.where(allowed, log_t.exp() * (log_t - log_s), torch.zeros((), dtype=dtype, device=device))
         per_row = kl.sum(dim=-1).mean(dim=1)  # (B, Tq): summed over keys, averaged over relation heads
-        term = _token_mean(per_row, valid)
+        term = normalize_token_sum(per_row, valid)
         total = term if total is None else total + term
     return total / len(relations)
 
@@ -202,17 +202,6 @@ def attention_relation(
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _token_mean(per_token: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``per_token`` over valid positions via the shared normaliser (exact 0 when all-masked).
-
-    ``normalize_token_sum`` accumulates in fp32; fp64 inputs (gradcheck) take the same formula in fp64.
-    """
-    if per_token.dtype != torch.float64:
-        return normalize_token_sum(per_token, mask)
-    total = torch.where(mask, per_token, torch.zeros((), dtype=per_token.dtype, device=per_token.device)).sum()
-    return total / mask.sum().clamp(min=1).to(total.dtype)
 
 
 def _check_features(student: Tensor, teacher: Tensor, mask: Tensor, *, same_width: bool, name: str) -> None:
