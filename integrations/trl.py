@@ -1,0 +1,337 @@
+"""One line adds distillation to a TRL / transformers training pipeline.
+
+* :class:`KDSFTTrainer` / :class:`KDTrainer` / :class:`KDDistillationTrainer`: drop-in trainers with two extra
+  keyword arguments, ``teacher=`` and ``kd_config=``.
+* :func:`enable_distillation`: upgrade an already-built trainer instance.
+
+How a step works: the host trainer's own ``compute_loss`` runs unchanged (its CE, metrics and normalisation are
+kept) while a :class:`~kd_plugins.capture.FeatureCapture` records what the transfer terms need from the student;
+the teacher backbone runs on the same inputs under ``no_grad``; the :class:`~kd_plugins.Distiller` combines
+``ce_weight * host_loss + sum_i w_i * term_i``.
+
+Normalisation follows the host. When the host's loss is already scaled for gradient accumulation (the Trainer's
+``loss_is_scaled_for_ga`` rule: the loss was divided by ``num_items_in_batch``), logit terms get the same
+``num_items_in_batch`` (and the same ``average_tokens_across_devices`` world factor) and per-micro-batch mean terms
+(alignment) are divided by the number of accumulation steps; otherwise every term is a per-micro-batch mean and
+the Trainer divides the total by the accumulation steps, as it does for its own loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer
+from trl import SFTTrainer
+
+from kd_plugins.capture import FeatureCapture, all_finite, find_decoder, run_backbone, unwrap_model
+from kd_plugins.config import KDConfig
+from kd_plugins.distiller import Distiller
+from kd_plugins.errors import ConfigError, KDError
+from kd_plugins.types import BatchContext
+from kd_plugins.integrations.teachers import Teacher, check_compatible, model_info, resolve_teacher
+from kd_plugins.integrations.transformers import DistillationCallback
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "KDDistillationTrainer",
+    "KDSFTTrainer",
+    "KDTrainer",
+    "KDTrainerMixin",
+    "NonFiniteTeacherError",
+    "enable_distillation",
+    "load_kd_config",
+]
+
+
+class NonFiniteTeacherError(KDError, FloatingPointError):
+    """The teacher produced NaN/inf and ``on_nonfinite_teacher`` is ``raise``."""
+
+
+def load_kd_config(config: KDConfig | Mapping[str, Any] | str | Path | None) -> KDConfig:
+    """Accept a :class:`KDConfig`, a dict, or a YAML path / string."""
+    if isinstance(config, KDConfig):
+        return config
+    if config is None:
+        raise ConfigError("kd_config is required: pass a KDConfig, a dict or a YAML path")
+    if isinstance(config, Mapping):
+        return KDConfig.from_dict(config)
+    if isinstance(config, (str, Path)):
+        return KDConfig.from_yaml(config)
+    raise ConfigError(f"kd_config={config!r} is invalid; expected a KDConfig, a dict or a YAML path")
+
+
+class KDTrainerMixin:
+    """Adds distillation to a ``transformers.Trainer`` subclass (put it first in the bases).
+
+    Extra keyword arguments:
+        teacher: teacher model object, model path / hub id, or ``"self"`` (PEFT student, adapters disabled).
+        kd_config: :class:`KDConfig`, dict, or YAML path.
+
+    Attributes after construction: ``distiller`` (the :class:`Distiller`, on the student's device),
+    ``kd_teacher`` (:class:`~kd_plugins.integrations.teachers.Teacher`), ``kd_callback``
+    (:class:`DistillationCallback`).
+    """
+
+    def __init__(self, *args: Any, teacher: Any = None, kd_config: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._kd_setup(teacher, kd_config)
+
+    # --- setup --------------------------------------------------------------------------------------------
+
+    def _kd_setup(self, teacher: Any, kd_config: Any) -> None:
+        if teacher is None:
+            teacher = getattr(self, "teacher_model", None)  # TRL's DistillationTrainer keeps its own teacher
+        if teacher is None:
+            raise ConfigError("distillation needs a teacher: pass teacher=<model, path or 'self'>")
+        self.kd_config = load_kd_config(kd_config)
+        student = self.model
+        self.kd_teacher: Teacher = resolve_teacher(teacher, student, dtype=self.kd_config.teacher_dtype)
+        student_info = model_info(student, "student")
+        teacher_info = model_info(self.kd_teacher.model, "teacher")
+        check_compatible(student_info, teacher_info, None if self._kd_has_logit_terms() else _no_logit_req())
+        self.distiller = Distiller(self.kd_config, student=student_info, teacher=teacher_info)
+        self.distiller.to(next(student.parameters()).device)
+        req = self.distiller.requirements()
+        check_compatible(student_info, teacher_info, req)
+        self._kd_student_capture = FeatureCapture(
+            student, info=student_info, layers=req.student_layers, qkv_layers=req.student_qkv_layers,
+            final_hidden=req.final_hidden,
+        )
+        self._kd_teacher_capture = FeatureCapture(
+            self.kd_teacher.model, info=teacher_info, layers=req.teacher_layers,
+            qkv_layers=req.teacher_qkv_layers, final_hidden=req.final_hidden,
+        )
+        self._kd_shared_params = _shared_params(student, self.kd_config.shared_params)
+        self._kd_term_scale: dict[str, float] = {}
+        for label, term in self.distiller.terms.items():
+            term.register_forward_hook(self._kd_scale_hook(label))
+        self._kd_logs: dict[str, float] = defaultdict(float)
+        self._kd_log_counts: dict[str, int] = defaultdict(int)
+        self._kd_last_logged_step = self.state.global_step
+        self.kd_callback = DistillationCallback(self.distiller)
+        self.add_callback(self.kd_callback)
+        if getattr(self, "optimizer", None) is not None:  # enable_distillation after the optimizer exists
+            self._kd_add_param_group(self.optimizer)
+
+    def _kd_has_logit_terms(self) -> bool:
+        from kd_plugins.plugins import family_of
+
+        return any(family_of(t.name) == "logit" for t in self.kd_config.terms)
+
+    # --- optimizer ----------------------------------------------------------------------------------------
+
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        self._kd_add_param_group(self.optimizer)
+        return optimizer
+
+    def _kd_add_param_group(self, optimizer) -> None:
+        params = [p for p in self.distiller.parameters() if p.requires_grad]
+        if not params or getattr(optimizer, "_kd_group_added", False):
+            return
+        lr = self.kd_config.projector_lr if self.kd_config.projector_lr is not None else self.args.learning_rate
+        optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
+        optimizer._kd_group_added = True
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self.kd_callback.load(resume_from_checkpoint, strict=False)
+
+    # --- the loss -----------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:  # evaluation reports the host's own loss, comparable to a run without KD
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        kd_inputs = self._kd_model_inputs(inputs)  # before the host mutates inputs
+        with self._kd_student_capture.recording():
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+        student_capture = self._kd_student_capture.result()
+        host_loss, outputs = result if return_outputs else (result, None)
+
+        with self.kd_teacher.forward_context(), self._kd_teacher_capture.recording():
+            run_backbone(self.kd_teacher.model, kd_inputs)
+        teacher_capture = self._kd_teacher_capture.result()
+        if not all_finite(teacher_capture):
+            if self.kd_config.on_nonfinite_teacher == "raise":
+                raise NonFiniteTeacherError(
+                    f"teacher outputs contain NaN/inf at step {self.state.global_step}; set "
+                    "on_nonfinite_teacher: skip to train on the task loss alone for such steps"
+                )
+            logger.warning("kd_plugins: non-finite teacher outputs at step %d; skipping transfer terms",
+                           self.state.global_step)
+            self._kd_accumulate({"kd/skipped_steps": 1.0}, {})
+            return result
+
+        num_items = self._kd_num_items(inputs, num_items_in_batch)
+        scaled_for_ga = self._kd_loss_is_scaled_for_ga(num_items)
+        ga = max(1, int(getattr(self, "current_gradient_accumulation_steps", None)
+                        or self.args.gradient_accumulation_steps))
+        world = self._kd_world_factor(num_items) if scaled_for_ga else 1
+        self._kd_term_scale = {
+            label: (world if _normalised_by_num_items(term) else 1.0 / ga) if scaled_for_ga else 1.0
+            for label, term in self.distiller.terms.items()
+        }
+        batch = BatchContext.from_inputs(
+            labels=kd_inputs.get("labels"),
+            input_ids=kd_inputs.get("input_ids"),
+            attention_mask=kd_inputs.get("attention_mask"),
+            position_ids=kd_inputs.get("position_ids"),
+            num_items_in_batch=num_items if scaled_for_ga else None,
+            step=self.state.global_step,
+        )
+        out = self.distiller(
+            student_capture, teacher_capture, batch, task_loss=host_loss, shared_params=self._kd_shared_params
+        )
+        # logged like the Trainer's own loss: contributions summed over micro-batches, averaged over steps
+        contribution = 1.0 if scaled_for_ga else 1.0 / ga
+        logs = out.log_dict()
+        summed = {k: v * contribution for k, v in logs.items() if k.startswith("kd/loss/") or k == "kd/transfer"}
+        averaged = {k: v for k, v in logs.items() if k not in summed}
+        self._kd_accumulate(summed, averaged)
+        return (out.loss, outputs) if return_outputs else out.loss
+
+    def _kd_model_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The causal-LM batch both models see (overridden for trainers with another batch layout)."""
+        return dict(inputs)
+
+    def _kd_num_items(self, inputs: Mapping[str, Any], num_items_in_batch):
+        return num_items_in_batch
+
+    def _kd_loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        # transformers.Trainer.training_step's rule for the loss compute_loss returns
+        explicit = getattr(self, "loss_is_scaled_for_ga", None)
+        if explicit is not None:
+            return bool(explicit)
+        return bool(
+            (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+            or getattr(self, "compute_loss_func", None) is not None
+        )
+
+    def _kd_world_factor(self, num_items_in_batch) -> float:
+        if not (self.args.average_tokens_across_devices and num_items_in_batch is not None):
+            return 1.0
+        tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+        return float(self.accelerator.num_processes // tp)
+
+    def _kd_scale_hook(self, label: str):
+        def hook(module, args, output):
+            scale = self._kd_term_scale.get(label, 1.0)
+            return output if scale == 1.0 else output * scale
+
+        return hook
+
+    # --- logging ------------------------------------------------------------------------------------------
+
+    def _kd_accumulate(self, summed: Mapping[str, float], averaged: Mapping[str, float]) -> None:
+        for key, value in summed.items():
+            self._kd_logs[key] += value
+            self._kd_log_counts[key] = -1  # marks "sum, divide by optimizer steps"
+        for key, value in averaged.items():
+            self._kd_logs[key] += value
+            self._kd_log_counts[key] += 1
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._kd_logs:  # a training log
+            steps = max(1, self.state.global_step - self._kd_last_logged_step)
+            for key, value in self._kd_logs.items():
+                count = self._kd_log_counts[key]
+                logs[key] = round(value / (steps if count < 0 else max(count, 1)), 6)
+            self._kd_logs.clear()
+            self._kd_log_counts.clear()
+            self._kd_last_logged_step = self.state.global_step
+        super().log(logs, *args, **kwargs)
+
+
+class KDSFTTrainer(KDTrainerMixin, SFTTrainer):
+    """``trl.SFTTrainer`` with distillation: ``KDSFTTrainer(model, args, ..., teacher=..., kd_config=...)``."""
+
+
+class KDTrainer(KDTrainerMixin, Trainer):
+    """``transformers.Trainer`` with distillation: ``KDTrainer(model, args, ..., teacher=..., kd_config=...)``."""
+
+
+try:
+    from trl import DistillationTrainer as _TRLDistillationTrainer
+except ImportError:  # pragma: no cover - older TRL
+    _TRLDistillationTrainer = None
+
+if _TRLDistillationTrainer is not None:
+
+    class KDDistillationTrainer(KDTrainerMixin, _TRLDistillationTrainer):
+        """TRL's on-policy ``DistillationTrainer`` plus kd_plugins transfer terms.
+
+        The host's generalized-JSD loss on self-generated completions stays the task loss (scaled by
+        ``ce_weight``); the transfer terms run on the same prompt+completion sequences, with the completion
+        tokens as targets. Without ``teacher=`` the trainer's own ``teacher_model`` is the teacher.
+        """
+
+        def _kd_model_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+            input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+            attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+            labels = input_ids.masked_fill(attention_mask == 0, -100)
+            labels[:, : inputs["prompt_ids"].size(1)] = -100
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+        def _kd_num_items(self, inputs: Mapping[str, Any], num_items_in_batch):
+            if inputs.get("num_items_in_batch") is not None:  # the host's own count over generated completions
+                return inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            return num_items_in_batch
+
+        def _kd_world_factor(self, num_items_in_batch) -> float:
+            return 1.0  # the host already divides its count by the process count
+
+else:  # pragma: no cover
+    KDDistillationTrainer = None  # type: ignore[assignment,misc]
+
+
+def enable_distillation(trainer: Trainer, *, teacher: Any, config: Any) -> Trainer:
+    """Upgrade an already-built trainer in place (and return it): its class becomes a subclass with
+    :class:`KDTrainerMixin`, then distillation is set up as if it had been constructed with
+    ``teacher=`` and ``kd_config=``."""
+    if not isinstance(trainer, KDTrainerMixin):
+        cls = type(trainer)
+        trainer.__class__ = type(f"KD{cls.__name__}", (KDTrainerMixin, cls), {"__module__": __name__})
+    trainer._kd_setup(teacher, config)
+    return trainer
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+
+def _normalised_by_num_items(term: nn.Module) -> bool:
+    """Logit terms divide token sums by ``num_items_in_batch``; other terms are per-micro-batch means.
+    A term can say otherwise with a ``normalized_by_num_items`` attribute."""
+    return bool(getattr(term, "normalized_by_num_items", getattr(term, "family", "") == "logit"))
+
+
+def _no_logit_req():
+    from kd_plugins.types import Requirements
+
+    return Requirements()
+
+
+def _shared_params(student: nn.Module, spec: str) -> list[Tensor]:
+    """Resolve ``KDConfig.shared_params`` to student parameters for gradient-aware schedulers."""
+    base = unwrap_model(student)
+    decoder, _ = find_decoder(base)
+    if spec == "final_norm":
+        params = list(decoder.norm.parameters()) if hasattr(decoder, "norm") else []
+    elif spec == "last_layer":
+        params = list(decoder.layers[-1].parameters())
+    else:
+        params = [p for name, p in base.named_parameters() if spec in name]
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        # frozen (e.g. LoRA) bases: fall back to whatever is trainable in the last block
+        params = [p for p in decoder.layers[-1].parameters() if p.requires_grad]
+    return params

@@ -1,0 +1,251 @@
+"""Capture what transfer terms need from a model's own forward pass, with forward hooks.
+
+The host trainer runs the student forward however it likes (TRL's fused LM head returns neither logits nor
+hidden states); :class:`FeatureCapture` listens on the decoder blocks, the ``q/k/v`` projections and the final
+norm, and reads the LM head weights, so no second student forward and no full ``B x T x V`` logits are needed.
+:func:`run_backbone` runs only the decoder (no LM head) -- the teacher forward.
+
+Duck-typed on the Hugging Face causal-LM layout (``get_decoder().layers[i].self_attn.{q,k,v}_proj`` and
+``get_decoder().norm``); PEFT wrappers are unwrapped with ``get_base_model()``. Imports torch only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from kd_plugins.errors import IncompatibleModelsError
+from kd_plugins.types import ModelCapture, ModelInfo
+
+# Keys of a causal-LM batch the decoder backbone understands; everything else (labels, loss kwargs, the fused
+# head switch) is dropped before the backbone forward.
+BACKBONE_INPUT_KEYS = (
+    "input_ids",
+    "inputs_embeds",
+    "attention_mask",
+    "position_ids",
+    "token_type_ids",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+    "seq_idx",
+)
+
+_FUSED_QKV_NAMES = ("qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack")
+
+
+class FeatureCapture:
+    """Forward hooks that record hidden states, q/k/v projections and the final hidden state of one model.
+
+    Args:
+        model: a Hugging Face style causal LM (or a PEFT model wrapping one).
+        info: the model's :class:`ModelInfo` (resolves negative layer indices; stored in the capture).
+        layers: block indices whose outputs to keep (``i`` = output of decoder block ``i``).
+        qkv_layers: block indices whose ``q_proj``/``k_proj``/``v_proj`` outputs to keep.
+        final_hidden: keep the final-norm output and read the LM head.
+
+    Hooks record only inside :meth:`recording`; each ``recording()`` starts empty. Call :meth:`remove` to
+    detach the hooks.
+
+    Raises:
+        IncompatibleModelsError: the model does not have the expected module layout (the message names the
+            module path that was expected), or its attention uses a fused q/k/v projection.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        info: ModelInfo,
+        layers: Iterable[int] = (),
+        qkv_layers: Iterable[int] = (),
+        final_hidden: bool = False,
+    ):
+        self.model = model
+        self.info = info
+        self.layers = sorted({info.resolve_layer(i) for i in layers})
+        self.qkv_layers = sorted({info.resolve_layer(i) for i in qkv_layers})
+        self.final_hidden = bool(final_hidden)
+        self._active = False
+        self._hidden: dict[int, Tensor] = {}
+        self._qkv: dict[int, dict[str, Tensor]] = {}
+        self._final: Tensor | None = None
+        self._handles: list[Any] = []
+
+        base = unwrap_model(model)
+        decoder, prefix = find_decoder(base)
+        blocks = getattr(decoder, "layers", None)
+        if blocks is None:
+            raise IncompatibleModelsError(
+                f"{info.name}: expected the decoder blocks at '{prefix}.layers' in {type(base).__name__}; "
+                "this architecture is not supported by FeatureCapture"
+            )
+        if len(blocks) < info.num_layers:
+            raise IncompatibleModelsError(
+                f"{info.name}: config says {info.num_layers} layers but '{prefix}.layers' has {len(blocks)}"
+            )
+        for index in self.layers:
+            self._handles.append(blocks[index].register_forward_hook(self._block_hook(index)))
+        for index in self.qkv_layers:
+            attention = getattr(blocks[index], "self_attn", None)
+            path = f"{prefix}.layers.{index}.self_attn"
+            if attention is None:
+                raise IncompatibleModelsError(f"{info.name}: expected an attention module at '{path}'")
+            fused = [n for n in _FUSED_QKV_NAMES if hasattr(attention, n)]
+            if fused:
+                raise IncompatibleModelsError(
+                    f"{info.name}: '{path}.{fused[0]}' is a fused q/k/v projection; attention relation transfer "
+                    f"needs separate '{path}.q_proj', '{path}.k_proj' and '{path}.v_proj'"
+                )
+            for which in ("q", "k", "v"):
+                projection = getattr(attention, f"{which}_proj", None)
+                if projection is None:
+                    raise IncompatibleModelsError(f"{info.name}: expected a projection at '{path}.{which}_proj'")
+                self._handles.append(projection.register_forward_hook(self._qkv_hook(index, which)))
+        if self.final_hidden:
+            norm = getattr(decoder, "norm", None)
+            if norm is None:
+                raise IncompatibleModelsError(
+                    f"{info.name}: expected the final norm at '{prefix}.norm' in {type(base).__name__}"
+                )
+            if base.get_output_embeddings() is None:
+                raise IncompatibleModelsError(f"{info.name}: {type(base).__name__} has no output embeddings (LM head)")
+            self._handles.append(norm.register_forward_hook(self._final_hook))
+
+    # --- public API ---------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator["FeatureCapture"]:
+        """Record while inside the block; previous records are cleared on entry."""
+        self.clear()
+        self._active = True
+        try:
+            yield self
+        finally:
+            self._active = False
+
+    def result(self) -> ModelCapture:
+        """The tensors recorded by the last :meth:`recording` block, as a :class:`ModelCapture`."""
+        missing = [i for i in self.layers if i not in self._hidden]
+        missing += [i for i in self.qkv_layers if len(self._qkv.get(i, {})) != 3]
+        if missing or (self.final_hidden and self._final is None):
+            raise RuntimeError(
+                f"{self.info.name}: the forward pass did not reach every hooked module (missing layers {missing}, "
+                f"final hidden {'missing' if self.final_hidden and self._final is None else 'ok'}); was it run "
+                "inside FeatureCapture.recording()?"
+            )
+        capture = ModelCapture(
+            info=self.info,
+            hidden_states=dict(self._hidden),
+            qkv={i: (d["q"], d["k"], d["v"]) for i, d in self._qkv.items()},
+        )
+        if self.final_hidden:
+            head = unwrap_model(self.model).get_output_embeddings()
+            capture.final_hidden = self._final
+            capture.lm_head_weight = head.weight
+            capture.lm_head_bias = getattr(head, "bias", None)
+            capture.logit_scale, capture.logit_softcap = logit_postprocessing(self.model)
+        return capture
+
+    def clear(self) -> None:
+        self._hidden, self._qkv, self._final = {}, {}, None
+
+    def remove(self) -> None:
+        """Detach every hook and drop the records."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.clear()
+
+    # --- hooks --------------------------------------------------------------------------------------------
+
+    def _block_hook(self, index: int):
+        def hook(module, args, output):
+            if self._active:
+                self._hidden[index] = output[0] if isinstance(output, (tuple, list)) else output
+
+        return hook
+
+    def _qkv_hook(self, index: int, which: str):
+        def hook(module, args, output):
+            if self._active:
+                self._qkv.setdefault(index, {})[which] = output
+
+        return hook
+
+    def _final_hook(self, module, args, output):
+        if self._active:
+            self._final = output[0] if isinstance(output, (tuple, list)) else output
+
+
+def run_backbone(model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:
+    """Run only the decoder backbone of ``model`` (no LM head, no logits) and return its last hidden state.
+
+    ``inputs`` is a causal-LM batch; labels and loss keywords are dropped, padding-free keys
+    (``position_ids``, ``cu_seq_lens_q/k``, ``max_length_q/k``) are passed through. Call it under
+    ``torch.no_grad()`` for a teacher.
+    """
+    decoder, _ = find_decoder(unwrap_model(model))
+    kwargs = {k: inputs[k] for k in BACKBONE_INPUT_KEYS if inputs.get(k) is not None}
+    output = decoder(**kwargs, use_cache=False)
+    return output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip PEFT (``get_base_model``) and DDP-style (``.module``) wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module) and not hasattr(model, "config"):
+            model = model.module
+    return model
+
+
+def find_decoder(model: nn.Module) -> tuple[nn.Module, str]:
+    """Return ``(decoder, dotted path)`` of a causal LM's decoder backbone."""
+    decoder = None
+    if hasattr(model, "get_decoder"):
+        try:
+            decoder = model.get_decoder()
+        except (AttributeError, NotImplementedError):
+            decoder = None
+    if decoder is None or decoder is model:
+        decoder = getattr(model, "model", None)
+    if decoder is None:
+        raise IncompatibleModelsError(
+            f"expected a decoder backbone at 'model' (or get_decoder()) in {type(model).__name__}"
+        )
+    path = next((name for name, module in model.named_modules() if module is decoder), "model") or "model"
+    return decoder, path
+
+
+def logit_postprocessing(model: nn.Module) -> tuple[float, float | None]:
+    """``(logit_scale, final_logit_softcapping)`` as the model applies them to its logits (like TRL reads them)."""
+    config = getattr(unwrap_model(model), "config", None)
+    if config is None:
+        return 1.0, None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    scale = getattr(config, "logit_scale", None)
+    if scale is None:
+        scale = getattr(config, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(config, "lm_head_multiplier", None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scaling = config.logits_scaling
+        scale = scaling if getattr(config, "model_type", "") == "hyperclovax" else 1.0 / scaling
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))
+
+
+def all_finite(capture: ModelCapture) -> bool:
+    """True if every captured tensor of ``capture`` is finite (used to check teacher outputs)."""
+    tensors = [capture.final_hidden, *capture.hidden_states.values()]
+    tensors += [t for qkv in capture.qkv.values() for t in qkv]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
