@@ -10,3 +10,8 @@ __all__ = ["IGNORE_INDEX", "normalize_token_sum", "shift_labels", "valid_mask"]
 from kd_plugins.functional.alignment import attention_relation, contrastive, hidden_cosine, hidden_mse
 
 __all__ += ["attention_relation", "contrastive", "hidden_cosine", "hidden_mse"]
+
+from kd_plugins.functional.fused import fused_linear_kd, linear_kd_reference
+from kd_plugins.functional.logit import dkd, forward_kl, generalized_jsd, reverse_kl
+
+__all__ += ["forward_kl", "reverse_kl", "generalized_jsd", "dkd", "fused_linear_kd", "linear_kd_reference"]
