@@ -35,7 +35,7 @@ class DistillOutput:
 
     Attributes:
         loss: ``ce_weight * task_loss + transfer`` (just ``transfer`` without a task loss); backpropagate this.
-        transfer: the weighted sum of transfer terms.
+        transfer: the weighted sum of transfer terms, plus the scheduler's ``regularizer()`` when it has one.
         losses: ``{label: unweighted loss}``, detached.
         weights: ``{label: weight}`` applied this step, as floats.
         metrics: extra scalars from terms and scheduler, ready to log.
@@ -155,8 +155,11 @@ class Distiller(nn.Module):
         transfer = torch.zeros((), device=device)
         for label, loss in losses.items():
             transfer = transfer + weights[label] * loss
+        regularizer = self.scheduler.regularizer()
+        if regularizer is not None:
+            transfer = transfer + regularizer
         total = transfer if task_loss is None else self.config.ce_weight * task_loss + transfer
-        float_weights = {k: float(weights[k]) for k in losses}
+        float_weights = {k: float(weights[k].detach() if isinstance(weights[k], Tensor) else weights[k]) for k in losses}
         detached = {k: v.detach() for k, v in losses.items()}
         metrics: dict[str, float] = {}
         for label, term in self.terms.items():

@@ -33,6 +33,7 @@ DEFAULT_PLUGINS = (
     "kd_plugins.components.logit",
     "kd_plugins.components.alignment",
     "kd_plugins.components.schedulers",
+    "kd_plugins.components.dynamic_schedulers",
 )
 
 # family name -> contribution hook name

@@ -225,6 +225,15 @@ class WeightScheduler(nn.Module):
         """Optional scalars to log (e.g. gradient norms)."""
         return {}
 
+    def regularizer(self) -> Tensor | None:
+        """An extra loss the Distiller adds to ``transfer`` on the step whose ``weights`` were just returned.
+
+        Called once per step, right after :meth:`weights`. ``None`` (the default) adds nothing. A scheduler whose
+        weights are learned through the loss uses it to keep them from collapsing to zero (uncertainty weighting
+        adds ``sum_i s_i``, the log-variances).
+        """
+        return None
+
 
 class GradientProbe:
     """Lazily computes per-term gradients on a shared parameter set.

@@ -38,15 +38,15 @@ class LinearScheduler(ConstantScheduler):
 
     def __init__(self, base_weights: Mapping[str, float], warmup_steps: int = 100, start: float = 0.0):
         super().__init__(base_weights)
-        _check_ramp(warmup_steps, start)
+        check_ramp(warmup_steps, start)
         self.warmup_steps = int(warmup_steps)
         self.start = float(start)
 
     def progress(self, step: int) -> float:
-        return 1.0 if self.warmup_steps == 0 else min(1.0, max(0, step) / self.warmup_steps)
+        return ramp_progress(step, self.warmup_steps)
 
     def ramp(self, step: int) -> float:
-        return self.start + (1.0 - self.start) * self.progress(step)
+        return linear_ramp(step, self.warmup_steps, self.start)
 
 
 class CosineScheduler(LinearScheduler):
@@ -56,7 +56,20 @@ class CosineScheduler(LinearScheduler):
         return self.start + (1.0 - self.start) * (1.0 - math.cos(math.pi * self.progress(step))) / 2.0
 
 
-def _check_ramp(warmup_steps: int, start: float) -> None:
+def linear_ramp(step: int, warmup_steps: int, start: float = 0.0) -> float:
+    """The linear warm-up factor ``start + (1 - start) * min(1, step / warmup_steps)`` (1 when no warm-up).
+
+    Shared with the dynamic schedulers, which ramp their terms in the same way before they start adapting.
+    """
+    return start + (1.0 - start) * ramp_progress(step, warmup_steps)
+
+
+def ramp_progress(step: int, warmup_steps: int) -> float:
+    """``min(1, step / warmup_steps)``, or 1 when ``warmup_steps`` is 0."""
+    return 1.0 if warmup_steps == 0 else min(1.0, max(0, step) / warmup_steps)
+
+
+def check_ramp(warmup_steps: int, start: float) -> None:
     if not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"warmup_steps={warmup_steps!r} is invalid; expected an integer >= 0")
     if not 0.0 <= start <= 1.0:
