@@ -1,0 +1,150 @@
+"""Gradient accumulation: ``GA=4 x batch 2`` against ``GA=1 x batch 8`` on sequences of different lengths, so
+the micro-batches hold different numbers of tokens.
+
+Method: one optimizer step of plain SGD (``lr=1``, no clipping, no weight decay) from identical weights; the
+change of every parameter (student and Distiller: projectors, scheduler parameters) is then exactly the
+accumulated gradient. Samples are taken in order (a sequential sampler), so micro-batch ``k`` is rows
+``2k, 2k+1``.
+
+What is equivalent, and what is not:
+
+* Logit terms (``forward_kl``, ``reverse_kl``, ``generalized_jsd``, ``dkd``) are token sums divided by the
+  host's ``num_items_in_batch`` (the target-token count of the whole accumulation step), exactly like the host's
+  CE: ``GA=4 x 2 == GA=1 x 8`` for the total loss and for every gradient.
+* Alignment terms (``mse``, ``cosine``, ``attention_relation``, ``contrastive``) are *per-micro-batch means*,
+  divided by the accumulation steps: the step's gradient is the mean over micro-batches of each micro-batch's
+  mean-loss gradient. That is tested exactly (against four separate one-micro-batch steps). It equals the
+  ``GA=1 x 8`` gradient only when every micro-batch holds the same number of valid tokens (see
+  ``test_trl.py::test_gradient_accumulation_matches_full_batch``); with unequal counts tokens of short
+  micro-batches weigh more -- the strict xfail below records that gap.
+* ``contrastive`` can never match ``GA=1 x 8``: its negatives are the other tokens *of the same micro-batch*,
+  so the loss itself depends on how the batch is split. Only the per-micro-batch normalisation is testable.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from torch.utils.data import SequentialSampler
+
+from kd_plugins.integrations.trl import KDSFTTrainer
+from kd_plugins.plugins import available_components
+
+from .conftest import kd_config, sft_args, tiny_model, tiny_texts, tiny_tokenizer
+
+LOGIT_TERMS = [
+    {"name": "forward_kl", "weight": 1.0, "temperature": 2.0},
+    {"name": "reverse_kl", "weight": 0.5},
+    {"name": "generalized_jsd", "weight": 0.7, "beta": 0.3},
+    {"name": "dkd", "weight": 0.4, "alpha": 1.0, "beta": 2.0},
+]
+ALIGNMENT_TERMS = {
+    "mse": {"name": "mse", "weight": 0.7, "layers": "uniform"},
+    "cosine": {"name": "cosine", "weight": 0.9, "layers": "uniform"},
+    "attention_relation": {"name": "attention_relation", "weight": 0.5, "relation_heads": 2},
+    "contrastive": {"name": "contrastive", "weight": 0.5, "proj_dim": 8, "temperature": 0.2, "max_tokens": 4096},
+}
+TOL = dict(rtol=2e-4, atol=2e-6)
+
+
+class _InOrder(KDSFTTrainer):
+    def _get_train_sampler(self, train_dataset=None):
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
+def _texts():
+    # lengths 3..14 words: every micro-batch of 2 has a different token count
+    texts = tiny_texts(8, seed=3, min_len=3, max_len=14)
+    lengths = [len(t.split()) for t in texts]
+    pairs = [lengths[i] + lengths[i + 1] for i in range(0, 8, 2)]
+    assert len(set(pairs)) > 1, pairs
+    return texts
+
+
+def _one_sgd_step(tmp_path, texts, *, terms, batch, ga, ce_weight=1.0, scheduler="constant"):
+    torch.manual_seed(0)
+    student = tiny_model("llama", seed=0)
+    teacher = tiny_model("llama", seed=1, hidden=48, layers=3, heads=4, kv_heads=2)
+    trainer = _InOrder(
+        model=student,
+        args=sft_args(tmp_path, max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
+                      optim="sgd", learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, logging_steps=1),
+        train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=tiny_tokenizer(),
+        teacher=teacher,
+        kd_config=kd_config(terms, ce_weight=ce_weight, scheduler=scheduler),
+    )
+    torch.manual_seed(1)  # the Distiller's projectors were built above: make them identical across runs
+    for p in trainer.distiller.parameters():
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.2)
+    before = _params(trainer)
+    trainer.train()
+    after = _params(trainer)
+    log = next(e for e in trainer.state.log_history if "loss" in e)
+    return {k: before[k] - after[k] for k in before}, log
+
+
+def _params(trainer):
+    out = {f"student.{n}": p.detach().clone() for n, p in trainer.model.named_parameters()}
+    out.update({f"distiller.{n}": p.detach().clone() for n, p in trainer.distiller.named_parameters()})
+    return out
+
+
+def _assert_same(got, want, **tol):
+    assert got.keys() == want.keys()
+    moved = 0
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **(tol or TOL), msg=lambda m: f"{name}: {m}")
+        moved += bool(want[name].abs().max() > 0)
+    assert moved > len(want) // 2, "too few parameters received a gradient for the comparison to mean anything"
+
+
+def test_logit_terms_ga4x2_equals_ga1x8(tmp_path):
+    texts = _texts()
+    full, full_log = _one_sgd_step(tmp_path / "full", texts, terms=LOGIT_TERMS, batch=8, ga=1)
+    acc, acc_log = _one_sgd_step(tmp_path / "acc", texts, terms=LOGIT_TERMS, batch=2, ga=4)
+    _assert_same(acc, full)
+    for key in ["loss", "kd/transfer", *(f"kd/loss/{t['name']}" for t in LOGIT_TERMS)]:
+        assert acc_log[key] == pytest.approx(full_log[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("term", sorted(ALIGNMENT_TERMS))
+def test_alignment_terms_are_per_micro_batch_means_under_ga(tmp_path, term):
+    """GA=4 x 2 == the mean of four single-micro-batch steps (pure transfer, ce_weight=0)."""
+    texts = _texts()
+    terms = [ALIGNMENT_TERMS[term]]
+    acc, acc_log = _one_sgd_step(tmp_path / "acc", texts, terms=terms, batch=2, ga=4, ce_weight=0.0)
+    parts = [_one_sgd_step(tmp_path / f"part{k}", texts[2 * k: 2 * k + 2], terms=terms, batch=2, ga=1,
+                           ce_weight=0.0) for k in range(4)]
+    mean = {name: sum(p[0][name] for p in parts) / 4 for name in acc}
+    _assert_same(acc, mean)
+    logged = sum(p[1][f"kd/loss/{term}"] for p in parts) / 4
+    assert acc_log[f"kd/loss/{term}"] == pytest.approx(logged, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason="alignment terms are per-micro-batch means: with unequal token counts per "
+                                       "micro-batch GA=4x2 weighs tokens differently from GA=1x8 (see docs/scale.md)")
+@pytest.mark.parametrize("term", ["mse"])
+def test_alignment_terms_ga4x2_equals_ga1x8_with_unequal_lengths(tmp_path, term):
+    texts = _texts()
+    terms = [ALIGNMENT_TERMS[term]]
+    full, _ = _one_sgd_step(tmp_path / "full", texts, terms=terms, batch=8, ga=1, ce_weight=0.0)
+    acc, _ = _one_sgd_step(tmp_path / "acc", texts, terms=terms, batch=2, ga=4, ce_weight=0.0)
+    _assert_same(acc, full)
+
+
+@pytest.mark.skipif("uncertainty" not in available_components()["scheduler"],
+                    reason="the uncertainty scheduler has not landed")
+@pytest.mark.xfail(strict=True, reason="BUG: Distiller.forward adds scheduler.regularizer() to every micro-batch's "
+                                       "loss, unscaled; under GA=4 the log-variances get 4x the GA=1 gradient")
+def test_learned_scheduler_weights_see_one_step_not_four(tmp_path):
+    """The ``uncertainty`` scheduler's regulariser ``sum_i base_i * s_i`` must be counted once per optimizer step,
+    whatever the accumulation; its log-variances must move as in the GA=1 x 8 run."""
+    texts = _texts()
+    terms = LOGIT_TERMS[:2]
+    scheduler = {"name": "uncertainty"}
+    full, _ = _one_sgd_step(tmp_path / "full", texts, terms=terms, batch=8, ga=1, scheduler=scheduler)
+    acc, _ = _one_sgd_step(tmp_path / "acc", texts, terms=terms, batch=2, ga=4, scheduler=scheduler)
+    _assert_same(acc, full)
