@@ -28,6 +28,9 @@ class DistillationCallback(TrainerCallback):
     Args:
         distiller: the run's :class:`~kd_plugins.Distiller`.
 
+    It also owns the Distiller's gradient lifecycle, which the Trainer does not see: gradients are averaged
+    across ranks before each optimizer step (DDP) and cleared after it.
+
     ``on_save`` writes the state atomically (temporary file, then ``os.replace``) into
     ``output_dir/checkpoint-<global_step>``. :meth:`load` restores it; the trainer mixin calls it when
     ``train(resume_from_checkpoint=...)`` loads a checkpoint.
@@ -37,6 +40,7 @@ class DistillationCallback(TrainerCallback):
         self.distiller = distiller
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.distiller.zero_grad(set_to_none=True)
         terms = ", ".join(f"{label} (w={w:g})" for label, w in self.distiller.base_weights.items())
         trainable = sum(p.numel() for p in self.distiller.parameters() if p.requires_grad)
         logger.info(
@@ -45,6 +49,21 @@ class DistillationCallback(TrainerCallback):
             self.distiller.config.scheduler.name,
             trainable,
         )
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # The Distiller is not inside the DDP-wrapped model: average its gradients across ranks ourselves.
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            for param in self.distiller.parameters():
+                if param.grad is not None:
+                    dist.all_reduce(param.grad)
+                    param.grad.div_(world)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Trainer zeroes only the model's gradients after the optimizer step; the Distiller's are ours to clear.
+        self.distiller.zero_grad(set_to_none=True)
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:

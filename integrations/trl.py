@@ -113,7 +113,7 @@ class KDTrainerMixin:
             term.register_forward_hook(self._kd_scale_hook(label))
         self._kd_logs: dict[str, float] = defaultdict(float)
         self._kd_log_counts: dict[str, int] = defaultdict(int)
-        self._kd_last_logged_step = self.state.global_step
+        self._kd_window_start = self.state.global_step
         self.kd_callback = DistillationCallback(self.distiller)
         self.add_callback(self.kd_callback)
         if getattr(self, "optimizer", None) is not None:  # enable_distillation after the optimizer exists
@@ -233,6 +233,8 @@ class KDTrainerMixin:
     # --- logging ------------------------------------------------------------------------------------------
 
     def _kd_accumulate(self, summed: Mapping[str, float], averaged: Mapping[str, float]) -> None:
+        if not self._kd_logs:  # a new logging window starts before this optimizer step completes
+            self._kd_window_start = self.state.global_step
         for key, value in summed.items():
             self._kd_logs[key] += value
             self._kd_log_counts[key] = -1  # marks "sum, divide by optimizer steps"
@@ -242,13 +244,12 @@ class KDTrainerMixin:
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._kd_logs:  # a training log
-            steps = max(1, self.state.global_step - self._kd_last_logged_step)
+            steps = max(1, self.state.global_step - self._kd_window_start)
             for key, value in self._kd_logs.items():
                 count = self._kd_log_counts[key]
                 logs[key] = round(value / (steps if count < 0 else max(count, 1)), 6)
             self._kd_logs.clear()
             self._kd_log_counts.clear()
-            self._kd_last_logged_step = self.state.global_step
         super().log(logs, *args, **kwargs)
 
 
