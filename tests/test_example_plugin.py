@@ -181,11 +181,14 @@ def test_trains_a_tiny_llama_through_kdsft_trainer(example_on_path, tmp_path):
     config_path.write_text(KD_YAML)
     student = _tiny_llama(0)
     teacher = _tiny_llama(1, hidden_size=48, num_hidden_layers=3)
+    # transformers 5.23 renamed gradient_checkpointing (SFTConfig turns it on by default)
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__ \
+        else "gradient_checkpointing"
     args = SFTConfig(
         output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=4, learning_rate=5e-3,
-        logging_steps=1, save_strategy="no", report_to=[], bf16=False, fp16=False, gradient_checkpointing=False,
-        use_cpu=True, dataloader_num_workers=0, seed=0, max_length=32, lr_scheduler_type="constant",
-        disable_tqdm=True,
+        logging_steps=1, save_strategy="no", report_to=[], bf16=False, fp16=False, use_cpu=True,
+        dataloader_num_workers=0, seed=0, max_length=32, lr_scheduler_type="constant", disable_tqdm=True,
+        **{checkpointing: False},
     )
     trainer = KDSFTTrainer(
         model=student, args=args, train_dataset=Dataset.from_dict({"text": _texts()}),
@@ -202,6 +205,12 @@ def test_trains_a_tiny_llama_through_kdsft_trainer(example_on_path, tmp_path):
     assert weights[0] == 0.5 and weights[-1] == 0.25
     changed = any(not torch.equal(p, before[n]) for n, p in trainer.distiller.named_parameters())
     assert changed, "the hidden_l1 projector was never optimised"
+    if importlib.util.find_spec("matplotlib") is not None:  # the real log keys feed `kd-plugins report`
+        from kd_plugins.report import write_report
+
+        trainer.save_state()
+        written = write_report(tmp_path / "run")
+        assert {p.name for p in written} == {"kd_losses.png", "kd_weights.png", "kd_weighted.png"}
 
 
 def test_trains_a_tiny_llama_through_the_core_distiller(example_on_path):
