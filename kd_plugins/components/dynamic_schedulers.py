@@ -19,6 +19,7 @@ Common behaviour:
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Mapping
 
@@ -28,6 +29,8 @@ from torch import Tensor, nn
 from kd_plugins.components.schedulers import check_ramp, linear_ramp
 from kd_plugins.hookspecs import hookimpl
 from kd_plugins.types import GradientProbe, WeightScheduler
+
+logger = logging.getLogger(__name__)
 
 _CONFLICT_MODES = ("scale", "project")
 
@@ -229,6 +232,7 @@ class GradNormScheduler(AdaptiveScheduler):
         self.register_buffer("weighted_grad_norms", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("rates", torch.ones(n, dtype=torch.float64))
         self._adapted = torch.ones(n, dtype=torch.bool)
+        self._warned_unreached = False
 
     def propose(self, *, step: int, losses: Mapping[str, Tensor], gradients: GradientProbe | None) -> Tensor:
         self._observe(losses)
@@ -242,6 +246,14 @@ class GradNormScheduler(AdaptiveScheduler):
 
         active = (self.base.cpu() > 0) & torch.isfinite(norms) & (norms > 0)
         self._adapted = active
+        unreached = [k for k, ok, b in zip(self.names, active.tolist(), self.base.tolist()) if b > 0 and not ok]
+        if unreached and not self._warned_unreached:
+            self._warned_unreached = True
+            logger.warning(
+                "kd_plugins gradnorm: term(s) %s have no gradient on the shared parameters (KDConfig.shared_params) "
+                "and keep their weight; choose shared parameters every term reaches, e.g. shared_params: last_layer",
+                unreached,
+            )
         weighted = weights * norms
         self.grad_norms.copy_(torch.nan_to_num(norms))
         self.weighted_grad_norms.copy_(torch.nan_to_num(weighted))
