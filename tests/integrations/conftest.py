@@ -3,7 +3,6 @@ tiny SFT configuration. Nothing is downloaded."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -16,7 +15,6 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config  # noqa: E402
 
 import kd_plugins  # noqa: E402
-from kd_plugins import plugins as kd_plugin_registry  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
@@ -105,19 +103,8 @@ def tokenizer():
 
 @pytest.fixture(autouse=True)
 def builtin_plugins(monkeypatch):
-    """Use the real built-in terms; if the logit module has not landed yet, stand in a test ``dkd``."""
+    """The real built-in terms only: no entry-point plugins of whatever else is installed."""
     monkeypatch.setenv("KD_PLUGINS_DISABLE_AUTOLOAD", "1")
-    standin = importlib.util.find_spec("kd_plugins.components.logit") is None
-    if standin:
-        monkeypatch.setattr(
-            kd_plugin_registry,
-            "DEFAULT_PLUGINS",
-            tuple(m for m in kd_plugin_registry.DEFAULT_PLUGINS if not m.endswith(".logit")),
-        )
     kd_plugins.reset_plugin_manager()
-    if standin:
-        from . import _standin_logit
-
-        kd_plugins.get_plugin_manager().register(_standin_logit, name="tests.standin_logit")
     yield
     kd_plugins.reset_plugin_manager()
