@@ -87,10 +87,12 @@ def test_cli_list_shows_the_example(installed_example):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed_example), os.environ.get("PYTHONPATH", "")])}
     env.pop(registry.DISABLE_AUTOLOAD_ENV, None)
     env[registry.ALLOW_LIST_ENV] = PROVIDER
-    result = subprocess.run(
-        [sys.executable, "-c", "import sys; from kd_plugins.cli import main; sys.exit(main(['list']))"],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
+    # the installed console script when there is one (exactly what users run), else the same entry point
+    script = Path(sys.executable).with_name("kd-plugins")
+    command = [str(script), "list"] if script.is_file() else [
+        sys.executable, "-c", "import sys; from kd_plugins.cli import main; sys.argv[1:] = ['list']; sys.exit(main())"
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for name in ("hidden_l1", "step_decay"):
