@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -43,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         written = write_report(args.run_dir, args.out)
     except ReportError as exc:
-        print(f"kd-plugins report: error: {exc}")
+        print(f"kd-plugins report: error: {exc}", file=sys.stderr)
         return 2
     for path in written:
         print(path)

@@ -67,4 +67,4 @@ def test_errors_name_what_is_missing(tmp_path, capsys):
     with pytest.raises(ReportError, match="no kd_plugins keys.*loss"):
         write_report(tmp_path)
     assert main([str(tmp_path / "missing")]) == 2
-    assert "does not exist" in capsys.readouterr().out
+    assert "does not exist" in capsys.readouterr().err
