@@ -85,7 +85,7 @@ class Recorder(TrainerCallback):
             time.sleep(self.sleep)
 
 
-def kd_config(scheduler: str) -> dict:
+def kd_config(scheduler: str, contrastive: bool = True) -> dict:
     if scheduler == "auto":
         scheduler = "gradnorm" if "gradnorm" in available_components()["scheduler"] else "linear"
     options = {"warmup_steps": 2}
@@ -95,7 +95,7 @@ def kd_config(scheduler: str) -> dict:
             {"name": "dkd", "weight": 1.0, "alpha": 1.0, "beta": 2.0},
             {"name": "mse", "weight": 0.5, "layers": "uniform"},
             {"name": "contrastive", "weight": 0.3, "proj_dim": 8, "temperature": 0.2, "max_tokens": 4096},
-        ],
+        ][: 3 if contrastive else 2],
         "scheduler": {"name": scheduler, **options},
         "shared_params": "last_layer",
     }
@@ -111,11 +111,19 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--fixed-length", action="store_true")
     parser.add_argument("--scheduler", default="auto")
+    parser.add_argument("--no-contrastive", action="store_true",
+                        help="drop the contrastive term (its in-batch negatives depend on how a batch is split)")
+    parser.add_argument("--no-distiller-sync", action="store_true",
+                        help="negative control: disable the integration's cross-rank averaging of Distiller grads")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep after each step")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
+    if args.no_distiller_sync:
+        from kd_plugins.integrations.transformers import DistillationCallback
+
+        DistillationCallback.on_pre_optimizer_step = lambda self, *a, **k: None
     student, teacher = tiny_llama(0), tiny_llama(1, hidden=48, layers=3)
     training_args = TrainingArguments(
         output_dir=args.out, max_steps=args.max_steps, per_device_train_batch_size=args.batch,
@@ -126,7 +134,7 @@ def main(argv=None) -> None:
     )
     trainer = InOrderKDTrainer(model=student, args=training_args,
                                train_dataset=TokenRows(args.rows, args.fixed_length), teacher=teacher,
-                               kd_config=kd_config(args.scheduler))
+                               kd_config=kd_config(args.scheduler, not args.no_contrastive))
     rank = training_args.process_index
     trainer.add_callback(Recorder(os.path.join(args.out, f"log_rank{rank}.jsonl"), args.sleep))
     trainer.train(resume_from_checkpoint=True if args.resume else None)
