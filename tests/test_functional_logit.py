@@ -427,3 +427,27 @@ def test_fused_bad_inputs():
         fused_linear_kd(**inputs, loss="dkd", loss_kwargs={"gamma": 1.0})
     with pytest.raises(ValueError, match="leading"):
         fused_linear_kd(**{**inputs, "teacher_hidden": inputs["teacher_hidden"][:2]})
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "dkd"])
+def test_fused_under_no_grad(loss):
+    inputs = make_linear_inputs()
+    with torch.no_grad():
+        value = fused_linear_kd(**inputs, loss=loss, chunk_size=4)
+    assert not value.requires_grad
+    assert value.item() == pytest.approx(linear_kd_reference(**inputs, loss=loss).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("head", ["scaled", "softcap_both"])
+def test_fused_row_blocks_inside_chunks(loss, head, monkeypatch):
+    # elementwise work runs on row blocks of a chunk; force blocks of 2 rows inside chunks of 5
+    monkeypatch.setattr(fused_module, "_BLOCK_ELEMENTS", 2 * 17)
+    inputs = make_linear_inputs(bias=True)
+    options = dict(loss=loss, loss_kwargs=LOSSES[loss][1], temperature=2.5, **HEADS[head])
+    params = _student_params(inputs)
+    fused = fused_linear_kd(**inputs, chunk_size=5, **options)
+    reference = linear_kd_reference(**inputs, **options)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(fused, params), torch.autograd.grad(reference, params)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -16,6 +16,8 @@ prompt tokens cost nothing.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -105,6 +107,7 @@ def fused_linear_kd(
         (student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap),
         temperature,
         chunk_size,
+        torch.is_grad_enabled(),  # under no_grad (evaluation) skip the gradient work entirely
     )
     return normalize_token_sum(per_token, torch.ones_like(per_token, dtype=torch.bool), num_items_in_batch)
 
@@ -150,6 +153,12 @@ def linear_kd_reference(
     )
 
 
+# Elementwise work runs on row blocks of about this many logits (8 MiB in fp32): the temporaries stay in cache
+# and come from the allocator's free lists (on CPU a fresh large allocation is page-faulted in, which costs more
+# than the arithmetic), while the matmuls still run on whole chunks.
+_BLOCK_ELEMENTS = 1 << 21
+
+
 class _FusedLinearKD(torch.autograd.Function):
     """Returns per-token losses ``(n,)`` of the valid rows; gradients are computed in ``forward``.
 
@@ -160,31 +169,46 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden_s, weight_s, bias_s, hidden_t, weight_t, bias_t, targets, per_token_fn, options,
-                heads, temperature, chunk_size):
-        softcap_s = heads[1]
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        n = hidden_s.shape[0]
-        acc = torch.promote_types(hidden_s.dtype, torch.float32)  # fp32, or float64 for float64 inputs
-        losses = torch.empty(n, dtype=acc, device=hidden_s.device)
-        grad_h = torch.empty_like(hidden_s) if need_h else None
-        grad_w = torch.zeros(weight_s.shape, dtype=acc, device=weight_s.device) if need_w else None
-        grad_b = torch.zeros(bias_s.shape, dtype=acc, device=bias_s.device) if need_b else None
-
+                heads, temperature, chunk_size, grad_enabled):
+        scale_s, softcap_s, scale_t, softcap_t = heads
+        need_h, need_w, need_b = (grad_enabled and needed for needed in ctx.needs_input_grad[:3])
         need_grad = need_h or need_w or need_b
+        n, vocab = hidden_s.shape[0], weight_s.shape[0]
+        acc = torch.promote_types(hidden_s.dtype, torch.float32)  # fp32, or float64 for float64 inputs
+        device = hidden_s.device
+        losses = torch.empty(n, dtype=acc, device=device)
+        grad_h = torch.empty_like(hidden_s) if need_h else None
+        grad_w = torch.zeros(weight_s.shape, dtype=acc, device=device) if need_w else None
+        grad_b = torch.zeros(bias_s.shape, dtype=acc, device=device) if need_b else None
+
         if per_token_fn is _forward_kl_per_token and softcap_s is None:
-            chunk_loss = _ForwardKLWorkspace(min(chunk_size, n), weight_s.shape[0], acc, hidden_s.device)
+            block_loss = partial(_forward_kl_block, scale=scale_s)
         else:
-            chunk_loss = _generic_chunk_loss
+            block_loss = partial(_autograd_block, per_token_fn=per_token_fn, options=options, scale=scale_s,
+                                 softcap=softcap_s)
+        rows = min(chunk_size, n)
+        student_buf = torch.empty(rows, vocab, dtype=acc, device=device)
+        teacher_buf = torch.empty(rows, vocab, dtype=acc, device=device)
+        block_rows = max(1, _BLOCK_ELEMENTS // vocab)
+        scratch = torch.empty(min(block_rows, rows), vocab, dtype=acc, device=device)
+
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             h = hidden_s[start:stop]
-            losses[start:stop], grad_raw = chunk_loss(
-                h, weight_s, bias_s, hidden_t[start:stop], weight_t, bias_t, targets[start:stop],
-                per_token_fn=per_token_fn, options=options, heads=heads, temperature=temperature,
-                need_grad=need_grad,
-            )
+            student, teacher = student_buf[: stop - start], teacher_buf[: stop - start]
+            _project_into(teacher, hidden_t[start:stop], weight_t, bias_t)
+            _teacher_head_(teacher, scale_t, softcap_t, temperature)
+            _project_into(student, h, weight_s, bias_s)
+            # per block: losses, and d(loss)/d(raw student logits) written over the student logits
+            for lo in range(0, stop - start, block_rows):
+                hi = min(lo + block_rows, stop - start)
+                losses[start + lo : start + hi] = block_loss(
+                    student[lo:hi], teacher[lo:hi], targets[start + lo : start + hi], scratch[: hi - lo],
+                    temperature=temperature, need_grad=need_grad,
+                )
             if not need_grad:
                 continue
+            grad_raw = student
             grad_raw_c = grad_raw if grad_raw.dtype == hidden_s.dtype else grad_raw.to(hidden_s.dtype)
             if need_h:
                 torch.mm(grad_raw_c, weight_s, out=grad_h[start:stop])
@@ -221,75 +245,60 @@ class _FusedLinearKD(torch.autograd.Function):
                     )
             grad_w = None if grad_w is None else grad_w * scale.to(grad_w.dtype)
             grad_b = None if grad_b is None else grad_b * scale.to(grad_b.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
 
 
-def _generic_chunk_loss(h_s, w_s, b_s, h_t, w_t, b_t, targets, *, per_token_fn, options, heads, temperature,
-                        need_grad):
-    """Per-token losses of one chunk and ``d sum(losses) / d raw_student_logits`` by local autograd.
+def _autograd_block(student, teacher, targets, scratch, *, temperature, need_grad, per_token_fn, options, scale,
+                    softcap):
+    """Generic engine for one block: per-token losses by the loss's own per-token function, and their exact
+    gradient with respect to the raw (biased) student logits by local autograd, written over ``student``.
 
-    The leaf is the biased matmul output, so autograd handles logit scale and softcap, and its gradient,
-    row-summed, is also the bias gradient.
+    ``teacher`` already holds teacher logits divided by ``T``; the student head is divided by ``T`` too
+    (``c * tanh(s * x / c) / T`` equals the head with scale ``s / T`` and cap ``c / T``), so the per-token
+    function runs at temperature 1 and the ``T**2`` factor is applied here.
     """
-    scale_s, softcap_s, scale_t, softcap_t = heads
-    teacher_logits = _head(_project(h_t, w_t, b_t), scale_t, softcap_t)
-    raw = _project(h_s, w_s, b_s)
+    scale, softcap = scale / temperature, (None if softcap is None else softcap / temperature)
     if not need_grad:
-        student_logits = _head(raw, scale_s, softcap_s)
-        return per_token_fn(student_logits, teacher_logits, targets, temperature=temperature, **options), None
-    raw.requires_grad_(True)
+        per = per_token_fn(_head(student, scale, softcap), teacher, targets, temperature=1.0, **options)
+        return per * temperature**2
+    leaf = student.detach().requires_grad_(True)  # shares storage; overwritten only after the gradient
     with torch.enable_grad():
-        per = per_token_fn(_head(raw, scale_s, softcap_s), teacher_logits, targets, temperature=temperature,
-                           **options)
-        (grad_raw,) = torch.autograd.grad(per.sum(), raw)
-    return per.detach(), grad_raw
+        per = per_token_fn(_head(leaf, scale, softcap), teacher, targets, temperature=1.0, **options)
+        per = per * temperature**2
+        (grad,) = torch.autograd.grad(per.sum(), leaf)
+    student.copy_(grad)
+    return per.detach()
 
 
-class _ForwardKLWorkspace:
-    """Analytic forward KL for one chunk, in three reused ``(chunk, V)`` buffers.
-
-    Same value as ``_forward_kl_per_token`` and the exact gradient ``T * scale * (p_S - p_T)`` with respect to
-    the raw student logits, but computed with in-place ops: no full-size allocation per chunk (on CPU each
-    fresh large allocation is page-faulted in, which costs more than the arithmetic). Used when the student
-    has no softcap.
+def _forward_kl_block(student, teacher, targets, scratch, *, temperature, need_grad, scale):
+    """Analytic forward KL for one block (student without softcap), in place in ``student``, ``teacher`` and
+    ``scratch``: the same value as ``_forward_kl_per_token`` and the exact gradient
+    ``T * scale * (p_S - p_T)`` with respect to the raw student logits, written over ``student``.
+    ``teacher`` already holds teacher logits divided by ``T``.
     """
+    _scale_(student, scale / temperature)
+    torch.log_softmax(teacher, -1, out=scratch)  # scratch = log p_T
+    torch.log_softmax(student, -1, out=teacher)  # teacher = log p_S
+    torch.exp(teacher, out=student)  # student = p_S
+    torch.sub(scratch, teacher, out=teacher)  # teacher = log p_T - log p_S
+    scratch.exp_()  # scratch = p_T
+    losses = teacher.mul_(scratch).sum(-1).mul_(temperature**2)
+    if need_grad:
+        _scale_(student.sub_(scratch), temperature * scale)
+    return losses
 
-    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
-        self.buffers = [torch.empty(rows, vocab, dtype=dtype, device=device) for _ in range(3)]
 
-    def __call__(self, h_s, w_s, b_s, h_t, w_t, b_t, targets, *, per_token_fn, options, heads, temperature,
-                 need_grad):
-        scale_s, _, scale_t, softcap_t = heads
-        n = h_s.shape[0]
-        s, t, p = (b[:n] for b in self.buffers)
-        _project_into(t, h_t, w_t, b_t)
-        _project_into(s, h_s, w_s, b_s)
-        if scale_t != 1.0:
-            t.mul_(scale_t)
-        if softcap_t is not None:
-            t.div_(softcap_t).tanh_().mul_(softcap_t)
-        if temperature != 1.0:
-            t.div_(temperature)
-        if scale_s / temperature != 1.0:
-            s.mul_(scale_s / temperature)
-        # teacher: p <- p_T, lse_t
-        m_t = t.amax(-1, keepdim=True)
-        torch.sub(t, m_t, out=p).exp_()
-        sum_t = p.sum(-1, keepdim=True)
-        p.div_(sum_t)
-        lse_t = sum_t.log_().add_(m_t)
-        t.sub_(s)  # z_T - z_S
-        # student: s <- p_S, lse_s
-        m_s = s.amax(-1, keepdim=True)
-        s.sub_(m_s).exp_()
-        sum_s = s.sum(-1, keepdim=True)
-        s.div_(sum_s)
-        lse_s = sum_s.log_().add_(m_s)
-        cross = t.mul_(p).sum(-1, keepdim=True)  # <p_T, z_T - z_S>
-        losses = (cross - lse_t + lse_s).squeeze(-1).mul_(temperature**2)
-        if not need_grad:
-            return losses, None
-        return losses, s.sub_(p).mul_(temperature * scale_s)
+def _teacher_head_(logits: Tensor, scale: float, softcap: float | None, temperature: float) -> None:
+    if softcap is None:
+        _scale_(logits, scale / temperature)
+    else:
+        _scale_(logits, scale)
+        logits.div_(softcap).tanh_().mul_(softcap / temperature)
+
+
+def _scale_(x: Tensor, factor: float) -> None:
+    if factor != 1.0:
+        x.mul_(factor)
 
 
 def _project_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
