@@ -237,7 +237,7 @@ class GradNormScheduler(AdaptiveScheduler):
     def propose(self, *, step: int, losses: Mapping[str, Tensor], gradients: GradientProbe | None) -> Tensor:
         self._observe(losses)
         mean_loss = self._close_period()
-        norms = torch.stack([gradients.norm(k).detach().reshape(()) for k in self.names]).double().cpu()
+        norms = _grad_norms(gradients, self.names, self.base_weights)
         weights = self.current.cpu()
         initial = self.initial_losses.cpu()
         unset = torch.isnan(initial) & torch.isfinite(mean_loss) & (mean_loss > 0)
@@ -348,6 +348,8 @@ class ConflictScheduler(AdaptiveScheduler):
         gated = task is not None and bool(task_norm > 0)
         if gated:
             for i, name in enumerate(self.names):
+                if self.base_weights[name] <= 0:  # a disabled term costs no gradient
+                    continue
                 grad = gradients.grad(name).detach()
                 norm = grad.norm()
                 if bool(norm > 0):
@@ -521,6 +523,12 @@ def bounded_rescale(weights: Tensor, total: float, low: float, high: float) -> T
         else:
             hi = mid
     return (hi * weights).clamp(low, high)
+
+
+def _grad_norms(gradients: GradientProbe, names: list[str], base_weights: Mapping[str, float]) -> Tensor:
+    """``||g_i||`` per term (float64, CPU); terms with base weight 0 are not probed and get 0."""
+    zero = torch.zeros((), dtype=torch.float64)
+    return torch.stack([gradients.norm(k).detach().double().cpu() if base_weights[k] > 0 else zero for k in names])
 
 
 def _check_bounds(min_weight: float, max_weight: float | None) -> None:
