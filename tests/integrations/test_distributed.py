@@ -151,3 +151,33 @@ def test_gradient_aware_run_matches_single_process_during_warmup(runs):
     (logs0, _), _, (single_logs, _) = runs["gradnorm"]
     for step in (1, 2):
         assert logs0[step]["loss"] == pytest.approx(single_logs[step]["loss"], rel=1e-4), step
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: on_pre_optimizer_step all-reduces only parameters whose .grad is not "
+                                       "None; a rank that skipped the transfer terms (on_nonfinite_teacher: skip) "
+                                       "issues fewer collectives than the others and the job deadlocks")
+def test_distiller_gradient_sync_issues_the_same_collectives_on_every_rank(monkeypatch):
+    """Collectives must not depend on rank-local state. Reproduce the hang by hand with
+    ``torchrun --nproc_per_node 2 _train_script.py --out DIR --nan-teacher-rank 1`` (never finishes step 1)."""
+    import torch.distributed as dist
+
+    from kd_plugins import Distiller, ModelInfo
+    from kd_plugins.integrations.transformers import DistillationCallback
+
+    info = ModelInfo(hidden_size=8, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4, vocab_size=16)
+    calls = []
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: calls.append(tuple(tensor.shape)))
+
+    def collectives(has_grads: bool):
+        calls.clear()
+        distiller = Distiller({"terms": [{"name": "mse"}]}, student=info, teacher=info)
+        if has_grads:  # this rank ran the transfer terms
+            for p in distiller.parameters():
+                p.grad = torch.ones_like(p)
+        DistillationCallback(distiller).on_pre_optimizer_step(None, None, None)
+        return list(calls)
+
+    assert collectives(True) == collectives(False)
