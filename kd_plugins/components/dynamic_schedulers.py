@@ -92,6 +92,10 @@ class AdaptiveScheduler(WeightScheduler):
         self.register_buffer("num_updates", torch.tensor(0, dtype=torch.long))
         self.register_buffer("loss_sum", torch.zeros(n, dtype=torch.float64))
         self.register_buffer("loss_count", torch.zeros(n, dtype=torch.float64))
+        # Python copies of the buffers read every step (no device sync between updates); rebuilt after an update
+        # or a state load
+        self._cache: dict | None = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._forget_cache())
 
     # --- the WeightScheduler contract ----------------------------------------------------------------------
 
@@ -117,15 +121,20 @@ class AdaptiveScheduler(WeightScheduler):
             self._commit(proposed)
             self.last_update.fill_(step)
             self.num_updates += 1
+            self._forget_cache()
         elif torch.is_grad_enabled():
             self._observe(losses)
-        values = self.current.tolist()
-        return {k: values[self.names.index(k)] for k in losses}
+        weights = self._cached()["weights"]
+        return {k: weights[k] for k in losses}
 
     def metrics(self) -> dict[str, float]:
-        return {f"weight/{k}": v for k, v in zip(self.names, self.current.tolist())}
+        return dict(self._cached()["metrics"])
 
     # --- for subclasses -------------------------------------------------------------------------------------
+
+    def compute_metrics(self) -> dict[str, float]:
+        """Scalars to log, read from the buffers; called once after each update (then cached)."""
+        return {f"weight/{k}": v for k, v in zip(self.names, self.current.tolist())}
 
     def propose(self, *, step: int, losses: Mapping[str, Tensor], gradients: GradientProbe | None) -> Tensor:
         """Return the new weights (float64, CPU, in ``self.names`` order) before smoothing and bounds."""
@@ -135,8 +144,8 @@ class AdaptiveScheduler(WeightScheduler):
         """Add this step's losses to the running period sums (non-finite values are skipped)."""
         values = torch.stack([losses[k].detach().reshape(()) for k in self.names]).to(self.loss_sum)
         finite = torch.isfinite(values)
-        self.loss_sum += torch.where(finite, values, torch.zeros_like(values))
-        self.loss_count += finite.to(self.loss_count)
+        self.loss_sum.add_(torch.where(finite, values, 0.0))
+        self.loss_count.add_(finite)
 
     def _close_period(self) -> Tensor:
         """Mean loss of each term since the last update (NaN where none was observed); resets the sums."""
@@ -148,8 +157,20 @@ class AdaptiveScheduler(WeightScheduler):
     def _is_update_step(self, step: int) -> bool:
         if step < self.warmup_steps or not torch.is_grad_enabled():
             return False
-        last = int(self.last_update)
+        last = self._cached()["last_update"]
         return last < 0 or step < last or step - last >= self.every
+
+    def _cached(self) -> dict:
+        if self._cache is None:
+            self._cache = {
+                "last_update": int(self.last_update),
+                "weights": dict(zip(self.names, self.current.tolist())),
+                "metrics": self.compute_metrics(),
+            }
+        return self._cache
+
+    def _forget_cache(self) -> None:
+        self._cache = None
 
     def _commit(self, proposed: Tensor) -> None:
         """Bound (and, if ``renormalise``, rescale) the proposal, smooth it with ``ema``, store it."""
@@ -274,8 +295,8 @@ class GradNormScheduler(AdaptiveScheduler):
     def _adapted_mask(self) -> Tensor:
         return self._adapted
 
-    def metrics(self) -> dict[str, float]:
-        out = super().metrics()
+    def compute_metrics(self) -> dict[str, float]:
+        out = super().compute_metrics()
         for label, values in (
             ("grad_norm", self.grad_norms),
             ("weighted_grad_norm", self.weighted_grad_norms),
@@ -362,8 +383,8 @@ class ConflictScheduler(AdaptiveScheduler):
         self.gated.fill_(gated)
         return base * factors
 
-    def metrics(self) -> dict[str, float]:
-        out = super().metrics()
+    def compute_metrics(self) -> dict[str, float]:
+        out = super().compute_metrics()
         out.update({f"cos/{k}": v for k, v in zip(self.names, self.cosines.tolist())})
         out.update({f"factor/{k}": v for k, v in zip(self.names, self.factors.tolist())})
         out["gated"] = float(self.gated)
@@ -418,8 +439,8 @@ class DynamicWeightAverageScheduler(AdaptiveScheduler):
         self.rates.copy_(rates)
         return self.base.cpu() * len(self.names) * torch.softmax(rates / self.temperature, dim=0)
 
-    def metrics(self) -> dict[str, float]:
-        out = super().metrics()
+    def compute_metrics(self) -> dict[str, float]:
+        out = super().compute_metrics()
         out.update({f"rate/{k}": v for k, v in zip(self.names, self.rates.tolist())})
         return out
 
@@ -491,6 +512,8 @@ class UncertaintyScheduler(WeightScheduler):
     @torch.no_grad()
     def _project(self) -> None:
         """Keep ``base * exp(-s)`` inside the bounds: ``log(base / max) <= s <= log(base / min)``."""
+        if self.min_weight <= 0 and not math.isfinite(self.max_weight):
+            return
         base = self.base.clamp(min=1e-30)
         low = torch.log(base / self.max_weight) if math.isfinite(self.max_weight) else None
         high = torch.log(base / self.min_weight) if self.min_weight > 0 else None
