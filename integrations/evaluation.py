@@ -42,8 +42,9 @@ def evaluate_lm(
         batch_size: blocks per forward pass.
 
     Returns:
-        ``{"nll", "perplexity", "accuracy", "tokens"}`` plus ``{"agreement", "kl_teacher_student"}`` when
-        ``teacher`` is given. Both models are put in eval mode for the call and restored afterwards.
+        ``{"nll", "perplexity", "accuracy", "tokens"}``; when ``teacher`` is given also ``"agreement"``,
+        ``"kl_teacher_student"`` and the teacher's own ``"teacher_nll"``, ``"teacher_perplexity"``,
+        ``"teacher_accuracy"`` from the same forward passes (no second teacher pass needed). Both models are put in eval mode for the call and restored afterwards.
     """
     data = blocks if isinstance(blocks, Tensor) else torch.as_tensor([list(b) for b in blocks], dtype=torch.long)
     if data.dim() != 2 or data.shape[1] < 2 or data.shape[0] == 0:
@@ -54,7 +55,7 @@ def evaluate_lm(
         m.eval()
     device = next(model.parameters()).device
     nll_sum = correct = agree = 0.0
-    kl_sum = 0.0
+    kl_sum = teacher_nll = teacher_correct = 0.0
     count = 0
     try:
         for batch in data.split(batch_size):
@@ -67,7 +68,10 @@ def evaluate_lm(
             count += targets.numel()
             if teacher is not None:
                 teacher_logp = _log_probs(teacher, batch.to(next(teacher.parameters()).device)).to(device)
-                agree += float((prediction == teacher_logp.argmax(-1)).sum())
+                teacher_prediction = teacher_logp.argmax(-1)
+                agree += float((prediction == teacher_prediction).sum())
+                teacher_correct += float((teacher_prediction == targets).sum())
+                teacher_nll += float(-teacher_logp.gather(-1, targets.unsqueeze(-1)).sum())
                 kl_sum += float((teacher_logp.exp() * (teacher_logp - logp)).sum())
                 del teacher_logp
             del logp
@@ -79,6 +83,9 @@ def evaluate_lm(
     if teacher is not None:
         out["agreement"] = agree / count
         out["kl_teacher_student"] = kl_sum / count
+        out["teacher_nll"] = teacher_nll / count
+        out["teacher_perplexity"] = math.exp(teacher_nll / count)
+        out["teacher_accuracy"] = teacher_correct / count
     return out
 
 

@@ -33,7 +33,14 @@ from torch import Tensor, nn
 
 STRATEGIES = ("uniform", "block_influence", "angular")
 
-__all__ = ["STRATEGIES", "count_parameters", "derive_student", "layer_importance", "select_layers"]
+__all__ = [
+    "STRATEGIES",
+    "count_parameters",
+    "derive_student",
+    "kept_layer_pairs",
+    "layer_importance",
+    "select_layers",
+]
 
 
 def derive_student(
@@ -145,6 +152,20 @@ def run_angular_distances(teacher: nn.Module, calibration, run_length: int) -> l
     total = len(states) - 1
     return [float(torch.arccos(_token_cosine(states[l], states[l + run_length])).mean() / math.pi)
             for l in range(total - run_length + 1)]
+
+
+def kept_layer_pairs(kept: Sequence[int], teacher_layers: int) -> list[tuple[int, int]]:
+    """Alignment pairs ``(student_layer, teacher_layer)`` that follow the residual stream of a pruned student.
+
+    Student block ``k`` is teacher block ``kept[k]``, and the student's next block is teacher block
+    ``kept[k+1]``; so student block ``k``'s output should stand in for the teacher's state just before
+    ``kept[k+1]``, i.e. the output of teacher block ``kept[k+1] - 1``. The last student block meets the last
+    teacher block.
+    """
+    kept = sorted(kept)
+    pairs = [(k, kept[k + 1] - 1) for k in range(len(kept) - 1)]
+    pairs.append((len(kept) - 1, teacher_layers - 1))
+    return pairs
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

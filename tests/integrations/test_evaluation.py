@@ -59,6 +59,10 @@ def test_evaluate_lm_matches_naive_computation():
     assert out["nll"] == pytest.approx(nll, rel=1e-5)
     assert out["perplexity"] == pytest.approx(math.exp(out["nll"]), rel=1e-12)
     assert out["kl_teacher_student"] == pytest.approx(kl, rel=1e-4, abs=1e-6)
+    alone = evaluate_lm(teacher, blocks)
+    assert out["teacher_accuracy"] == alone["accuracy"]
+    assert out["teacher_nll"] == pytest.approx(alone["nll"], rel=1e-6)
+    assert out["teacher_perplexity"] == pytest.approx(alone["perplexity"], rel=1e-6)
 
 
 def test_evaluate_lm_against_itself_and_bad_input():

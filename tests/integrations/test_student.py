@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from kd_plugins.integrations.student import (  # noqa: E402
     count_parameters,
     derive_student,
+    kept_layer_pairs,
     layer_importance,
     select_layers,
 )
@@ -160,3 +161,9 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
 def test_single_layer_student_without_keep_first_last():
     student, kept = derive_student(_teacher(), num_layers=1, keep_first_last=False)
     assert len(kept) == 1 and student.config.num_hidden_layers == 1
+
+
+def test_kept_layer_pairs_follow_the_residual_stream():
+    assert kept_layer_pairs([0, 3, 5], 6) == [(0, 2), (1, 4), (2, 5)]
+    assert kept_layer_pairs([0, 1, 2], 3) == [(0, 0), (1, 1), (2, 2)]
+    assert kept_layer_pairs([2, 4], 8) == [(0, 3), (1, 7)]

@@ -1,0 +1,52 @@
+"""The main-job demo end to end on a tiny random teacher (the GGUF teacher is never loaded in tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from .conftest import tiny_model, tiny_tokenizer
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_a_tiny_teacher(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from kd_plugins.integrations import demo, models
+
+    teacher = tiny_model(layers=4, hidden=32, tie_word_embeddings=True).eval()
+    monkeypatch.setattr(models, "load_smollm2", lambda dtype=torch.float32: (teacher, tiny_tokenizer()))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    out = tmp_path / "student"
+    results = demo.run(demo.build_parser().parse_args([
+        "--steps", "2", "--student-layers", "2", "--strategy", "block_influence", "--block-size", "16",
+        "--batch-size", "2", "--eval-blocks", "4", "--calibration-blocks", "2", "--gen-prompts", "1",
+        "--gen-tokens", "3", "--output-dir", str(out), "--max-minutes", "0",
+    ]))
+    assert results["steps"] == 2 and results["kept_layers"][0] == 0 and results["kept_layers"][-1] == 3
+    for key in ("nll", "perplexity", "accuracy", "agreement", "kl_teacher_student"):
+        assert key in results["student"]
+    assert "accuracy" in results["retention"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["kept_layers"] == results["kept_layers"]
+    assert "| teacher" in (out / "results.md").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == 2
+    assert not any("distiller" in k or "projector" in k for k in reloaded.state_dict())
+    for k, v in teacher.state_dict().items():  # the teacher is never trained
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_embedded_kd_config_is_valid_and_kept_layers_resolve(tmp_path):
+    from kd_plugins.integrations.demo import DEFAULT_KD_CONFIG, _resolve_kd_config
+    from kd_plugins.integrations.trl import load_kd_config
+
+    config = _resolve_kd_config(None, [0, 3, 5], 6, load_kd_config)
+    assert config.terms
+    path = tmp_path / "kd.yaml"
+    path.write_text("ce_weight: 0.0\nterms:\n  - {name: cosine, weight: 0.1, layers: kept, projector: identity}\n")
+    config = _resolve_kd_config(str(path), [0, 3, 5], 6, load_kd_config)
+    assert config.terms[0].options["layers"] == [[0, 2], [1, 4], [2, 5]]
+    assert DEFAULT_KD_CONFIG.startswith("ce_weight")
