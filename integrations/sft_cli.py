@@ -37,7 +37,16 @@ _KD_FLAGS = ("--kd_config", "--teacher_model_name_or_path")
 last_trainer = None  # the most recent trainer built by :func:`main` (for tests and notebooks)
 
 
-def split_kd_arguments(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], str | None]:
+_KD_HELP = """distillation arguments (kd-plugins):
+  --kd_config KD_CONFIG  KD configuration YAML (or `kd_config:` / an inline `kd:` block in the --config YAML)
+  --teacher_model_name_or_path TEACHER
+                        teacher model path or hub id, or `self` (a PEFT student's base, adapters disabled)
+"""
+
+
+def split_kd_arguments(
+    argv: Sequence[str], *, require: bool = True
+) -> tuple[list[str], dict[str, Any], str | None]:
     """Remove the KD keys from ``argv`` and from the ``--config`` YAML.
 
     Returns ``(trl_argv, kd_settings, temporary_yaml_path)``: ``trl_argv`` is what TRL's parser gets (its
@@ -83,6 +92,8 @@ def split_kd_arguments(argv: Sequence[str]) -> tuple[list[str], dict[str, Any], 
             yaml.safe_dump(data, handle)
         argv[index + 1] = temporary
     kd_config = settings.get("kd_config")
+    if not require:
+        return argv, settings, temporary
     if kd_config is None:
         raise ConfigError("kd-plugins sft needs a KD config: 'kd_config: kd.yaml' or an inline 'kd:' block")
     if not isinstance(kd_config, KDConfig):
@@ -100,7 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from trl.scripts import sft as trl_sft
 
-    trl_argv, settings, temporary = split_kd_arguments(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(_KD_HELP)
+        trl_sft.make_parser(prog="kd-plugins sft").parse_args_and_config(["--help"])  # prints TRL's help, exits
+    trl_argv, settings, temporary = split_kd_arguments(argv)
     try:
         parser = trl_sft.make_parser(prog="kd-plugins sft")
         script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(

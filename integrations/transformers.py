@@ -11,11 +11,14 @@ import logging
 import os
 import tempfile
 
+import torch
+
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from kd_plugins.distiller import Distiller
+from kd_plugins.errors import KDError
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ class DistillationCallback(TrainerCallback):
 
     def __init__(self, distiller: Distiller):
         self.distiller = distiller
+        self._last_saved: str | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.distiller.zero_grad(set_to_none=True)
@@ -51,15 +55,24 @@ class DistillationCallback(TrainerCallback):
         )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        # The Distiller is not inside the DDP-wrapped model: average its gradients across ranks ourselves.
+        # The Distiller is not inside the DDP-wrapped model: average its gradients across ranks ourselves. One
+        # collective over every trainable parameter (zeros where a rank has no gradient, e.g. it skipped the
+        # transfer terms), so every rank issues the same collectives.
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            world = dist.get_world_size()
-            for param in self.distiller.parameters():
-                if param.grad is not None:
-                    dist.all_reduce(param.grad)
-                    param.grad.div_(world)
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        params = [p for p in self.distiller.parameters() if p.requires_grad]
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(dist.get_world_size())
+        offset = 0
+        for param in params:
+            param.grad = flat[offset : offset + param.numel()].view_as(param).clone()
+            offset += param.numel()
 
     def on_step_end(self, args, state, control, **kwargs):
         # Trainer zeroes only the model's gradients after the optimizer step; the Distiller's are ours to clear.
@@ -69,7 +82,7 @@ class DistillationCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if os.path.isdir(folder):
+        if os.path.isdir(folder) and self._last_saved != os.path.abspath(folder):  # the mixin saves it earlier
             self.save(folder)
 
     def save(self, folder: str) -> str:
@@ -83,22 +96,33 @@ class DistillationCallback(TrainerCallback):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        self._last_saved = os.path.abspath(folder)
         logger.info("kd_plugins: saved distillation state to %s", path)
         return path
 
     def load(self, folder: str, *, strict: bool = True) -> bool:
-        """Restore the Distiller state from ``folder``. Returns False (with a warning) when the file is absent
-        and ``strict`` is False."""
+        """Restore the Distiller state from ``folder``.
+
+        Raises ``FileNotFoundError`` naming the file when it is absent (or returns False with a warning when
+        ``strict`` is False), :class:`~kd_plugins.KDError` naming the file when it is unreadable, and
+        :class:`~kd_plugins.ConfigError` when it belongs to another KD configuration."""
         path = os.path.join(folder, KD_STATE_NAME)
         if not os.path.isfile(path):
             if strict:
                 raise FileNotFoundError(
-                    f"{path} not found: the checkpoint has no kd_plugins state (was it saved without distillation?)"
+                    f"{path} not found: this checkpoint has no kd_plugins state (saved without distillation, or "
+                    "cut short by a crash), so projectors and scheduler cannot be restored. Resume from another "
+                    "checkpoint, or set trainer.kd_resume_requires_state = False to start them fresh."
                 )
             logger.warning("kd_plugins: %s not found; projectors and scheduler start fresh", path)
             return False
-        device = next((p.device for p in self.distiller.parameters()), None)
-        state = load_file(path, device=str(device) if device is not None else "cpu")
+        try:
+            state = load_file(path, device="cpu")
+        except Exception as exc:  # safetensors' own message names neither the file nor the remedy
+            raise KDError(
+                f"{path} is unreadable ({type(exc).__name__}: {exc}); it may have been cut short by a crash: "
+                "resume from an earlier checkpoint"
+            ) from exc
         self.distiller.load_kd_state_dict(state)
         logger.info("kd_plugins: restored distillation state from %s", path)
         return True

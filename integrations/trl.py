@@ -19,6 +19,7 @@ the Trainer divides the total by the accumulation steps, as it does for its own 
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,6 +27,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
 from kd_plugins.capture import FeatureCapture, all_finite, find_decoder, run_backbone, unwrap_model
@@ -91,7 +93,13 @@ class KDTrainerMixin:
             raise ConfigError("distillation needs a teacher: pass teacher=<model, path or 'self'>")
         self.kd_config = load_kd_config(kd_config)
         student = self.model
-        self.kd_teacher: Teacher = resolve_teacher(teacher, student, dtype=self.kd_config.teacher_dtype)
+        load_kwargs = {}
+        attn = getattr(getattr(unwrap_model(student), "config", None), "_attn_implementation", None)
+        if isinstance(teacher, str) and teacher != "self" and attn:
+            load_kwargs["attn_implementation"] = attn  # a teacher path follows the student (sdpa, flash, ...)
+        self.kd_teacher: Teacher = resolve_teacher(
+            teacher, student, dtype=self.kd_config.teacher_dtype, **load_kwargs
+        )
         student_info = model_info(student, "student")
         teacher_info = model_info(self.kd_teacher.model, "teacher")
         check_compatible(student_info, teacher_info, None if self._kd_has_logit_terms() else _no_logit_req())
@@ -141,9 +149,21 @@ class KDTrainerMixin:
 
     # --- checkpoints --------------------------------------------------------------------------------------
 
+    kd_resume_requires_state = True  # refuse to resume from a checkpoint without kd_state.safetensors
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # kd_state first: the Trainer writes trainer_state.json and rotates old checkpoints inside
+        # _save_checkpoint, before callbacks' on_save; a crash in between must not leave a resumable checkpoint
+        # without the distillation state.
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            self.kd_callback.save(folder)
+        super()._save_checkpoint(model, trial)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        self.kd_callback.load(resume_from_checkpoint, strict=self.kd_resume_requires_state)  # fail before loading
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        self.kd_callback.load(resume_from_checkpoint, strict=False)
 
     # --- the loss -----------------------------------------------------------------------------------------
 
@@ -156,6 +176,7 @@ class KDTrainerMixin:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
         student_capture = self._kd_student_capture.result()
+        self._kd_check_student_graph(student_capture)
         host_loss, outputs = result if return_outputs else (result, None)
 
         with self.kd_teacher.forward_context(), self._kd_teacher_capture.recording():
@@ -189,9 +210,12 @@ class KDTrainerMixin:
             num_items_in_batch=num_items if scaled_for_ga else None,
             step=self.state.global_step,
         )
-        out = self.distiller(
-            student_capture, teacher_capture, batch, task_loss=host_loss, shared_params=self._kd_shared_params
-        )
+        try:
+            out = self.distiller(
+                student_capture, teacher_capture, batch, task_loss=host_loss, shared_params=self._kd_shared_params
+            )
+        finally:
+            self._kd_term_scale = {}
         # logged like the Trainer's own loss: contributions summed over micro-batches, averaged over steps
         contribution = 1.0 if scaled_for_ga else 1.0 / ga
         logs = out.log_dict()
@@ -199,6 +223,19 @@ class KDTrainerMixin:
         averaged = {k: v for k, v in logs.items() if k not in summed}
         self._kd_accumulate(summed, averaged)
         return (out.loss, outputs) if return_outputs else out.loss
+
+    def _kd_check_student_graph(self, capture) -> None:
+        if getattr(self, "_kd_graph_warned", False) or not torch.is_grad_enabled():
+            return
+        tensors = [capture.final_hidden, *capture.hidden_states.values()]
+        tensors += [t for qkv in capture.qkv.values() for t in qkv]
+        if any(t is not None and not t.requires_grad for t in tensors):
+            self._kd_graph_warned = True
+            logger.warning(
+                "kd_plugins: some captured student features carry no gradient, so transfer terms on them cannot "
+                "train the student. Frozen layers (e.g. LoRA on later layers only) are expected; with gradient "
+                "checkpointing use gradient_checkpointing_kwargs={'use_reentrant': False}."
+            )
 
     def _kd_model_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """The causal-LM batch both models see (overridden for trainers with another batch layout)."""

@@ -77,7 +77,13 @@ def _delegate(command: str, argv: list[str]) -> int:
             )
             return 2
         raise
-    result = module.main(argv)
+    from kd_plugins.errors import KDError
+
+    try:
+        result = module.main(argv)
+    except KDError as exc:  # a configuration problem: say it plainly, no traceback
+        print(f"kd-plugins {command}: {exc}", file=sys.stderr)
+        return 2
     return int(result) if isinstance(result, int) else 0
 
 
