@@ -181,7 +181,7 @@ class KDTrainerMixin:
 
         with self.kd_teacher.forward_context(), self._kd_teacher_capture.recording():
             run_backbone(self.kd_teacher.model, kd_inputs)
-        teacher_capture = self._kd_teacher_capture.result()
+            teacher_capture = self._kd_teacher_capture.result()  # inside: a 'self' teacher's head has no adapters
         if not all_finite(teacher_capture):
             if self.kd_config.on_nonfinite_teacher == "raise":
                 raise NonFiniteTeacherError(

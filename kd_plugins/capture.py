@@ -146,8 +146,7 @@ class FeatureCapture:
         if self.final_hidden:
             head = unwrap_model(self.model).get_output_embeddings()
             capture.final_hidden = self._final
-            capture.lm_head_weight = head.weight
-            capture.lm_head_bias = getattr(head, "bias", None)
+            capture.lm_head_weight, capture.lm_head_bias = lm_head_parameters(head)
             capture.logit_scale, capture.logit_softcap = logit_postprocessing(self.model)
         return capture
 
@@ -242,6 +241,24 @@ def logit_postprocessing(model: nn.Module) -> tuple[float, float | None]:
         scale = scaling if getattr(config, "model_type", "") == "hyperclovax" else 1.0 / scaling
     softcap = getattr(config, "final_logit_softcapping", None)
     return (1.0 if scale is None else float(scale)), (None if softcap is None else float(softcap))
+
+
+def lm_head_parameters(head: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``(weight, bias)`` the LM head applies right now.
+
+    A PEFT LoRA-wrapped head (``base_layer`` + ``get_delta_weight``) contributes its active, unmerged adapters,
+    so logit terms see the same head as the model's own forward (nothing when adapters are disabled, as for a
+    ``self`` teacher -- read the head inside the teacher's forward context).
+    """
+    base = getattr(head, "base_layer", None)
+    if base is None or not hasattr(head, "get_delta_weight"):
+        return head.weight, getattr(head, "bias", None)
+    weight = base.weight
+    if not getattr(head, "disable_adapters", False) and not getattr(head, "merged", False):
+        for name in getattr(head, "active_adapters", ()):
+            if name in getattr(head, "lora_A", {}):
+                weight = weight + head.get_delta_weight(name)
+    return weight, getattr(base, "bias", None)
 
 
 def all_finite(capture: ModelCapture) -> bool:

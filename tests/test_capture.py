@@ -103,3 +103,22 @@ def test_logit_postprocessing_reads_config():
     model.config.logit_scale = 0.5
     model.config.final_logit_softcapping = 30.0
     assert logit_postprocessing(model) == (0.5, 30.0)
+
+
+def test_lora_on_lm_head_is_part_of_the_captured_head():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_model(), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)  # B starts at zero; make the adapter matter
+    capture = FeatureCapture(model, info=ModelInfo.from_config(model.config), final_hidden=True)
+    x = torch.randint(0, 96, (1, 6))
+    with torch.no_grad(), capture.recording():
+        logits = model(input_ids=x).logits
+    got = capture.result()
+    torch.testing.assert_close(got.final_hidden @ got.lm_head_weight.T, logits, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), model.disable_adapter(), capture.recording():
+        base_logits = model(input_ids=x).logits
+        off = capture.result()
+    torch.testing.assert_close(off.final_hidden @ off.lm_head_weight.T, base_logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits, base_logits)
