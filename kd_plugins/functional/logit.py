@@ -95,7 +95,8 @@ def generalized_jsd(
 
     ``M = beta * p_T + (1 - beta) * p_S`` and ``JSD_beta = beta * KL(p_T || M) + (1 - beta) * KL(p_S || M)``,
     computed in log space (``log M`` by ``logaddexp``). As in TRL's ``generalized_jsd_loss``, ``beta = 0`` is
-    the forward KL ``KL(p_T || p_S)`` and ``beta = 1`` the reverse KL ``KL(p_S || p_T)``. Unlike TRL the loss is
+    the forward KL ``KL(p_T || p_S)`` and ``beta = 1`` the reverse KL ``KL(p_S || p_T)`` (special cases: the
+    mixture form itself tends to 0 at both ends). Unlike TRL the loss is
     multiplied by ``T**2`` (so ``ours == T**2 * TRL`` with ``reduction="batchmean"``).
 
     Args:
