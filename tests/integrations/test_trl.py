@@ -198,12 +198,14 @@ def test_nonfinite_teacher(tmp_path, mode):
         assert logs[-1]["kd/skipped_steps"] == 1.0 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logs)
 
 
-def test_sft_packing_padding_free_trains(tmp_path):
+@pytest.mark.parametrize("packing", [True, False], ids=["packing", "padding_free_only"])
+def test_sft_packing_padding_free_trains(tmp_path, packing):
     seen = []
     teacher = tiny_model(seed=1, layers=3)
     teacher.model.register_forward_pre_hook(lambda m, a, kw: seen.append(sorted(kw)), with_kwargs=True)
-    trainer = _kd_trainer(tmp_path, teacher=teacher, packing=True, padding_free=True, max_steps=2,
-                          per_device_train_batch_size=2)
+    extra = {} if packing else {"max_length": None}  # TRL: padding-free without packing cannot truncate
+    trainer = _kd_trainer(tmp_path, teacher=teacher, packing=packing, padding_free=True, max_steps=2,
+                          per_device_train_batch_size=2, **extra)
     trainer.train()
     assert "position_ids" in seen[0] and "attention_mask" not in seen[0]
     assert "kd/loss/attention_relation" in _train_logs(trainer)[-1]
