@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kd_plugins import ConfigError, Distiller, ModelInfo
+from kd_plugins import ConfigError, Distiller, KDError, ModelInfo
 from kd_plugins.integrations.transformers import KD_STATE_NAME, DistillationCallback
 
 SCRIPT = Path(__file__).with_name("_train_script.py")
@@ -136,12 +136,10 @@ def test_corrupt_kd_state_is_refused_and_nothing_is_loaded(tmp_path, damage):
     assert all(torch.equal(before[k], after[k]) for k in before), "a refused file must not change the Distiller"
 
 
-@pytest.mark.xfail(strict=True, reason="DistillationCallback.load lets safetensors' own error through, which names "
-                                       "neither the file nor the remedy (e.g. 'incomplete metadata')")
 def test_corrupt_kd_state_error_names_the_file(tmp_path):
     path = Path(DistillationCallback(_distiller(0)).save(str(tmp_path)))
     path.write_bytes(path.read_bytes()[:40])
-    with pytest.raises(Exception, match=KD_STATE_NAME):
+    with pytest.raises(KDError, match=rf"{KD_STATE_NAME} is unreadable .*earlier checkpoint"):
         DistillationCallback(_distiller(1)).load(str(tmp_path))
 
 
@@ -174,21 +172,39 @@ def test_kd_state_of_another_config_is_refused(tmp_path):
         DistillationCallback(other).load(str(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the Trainer writes trainer_state.json (and rotates old checkpoints) "
-                                       "before on_save writes kd_state; a kill in between leaves a checkpoint "
-                                       "without kd_state, and resume only warns and restarts projectors/scheduler")
-def test_resume_from_checkpoint_without_kd_state_is_refused(tmp_path):
-    from .conftest import kd_config, sft_args, tiny_dataset, tiny_model, tiny_tokenizer
+def _sft_trainer(out):
     from kd_plugins.integrations.trl import KDSFTTrainer
 
-    def trainer(out):
-        return KDSFTTrainer(model=tiny_model(seed=0), args=sft_args(out, max_steps=2, save_strategy="steps",
-                                                                      save_steps=1),
-                            train_dataset=tiny_dataset(8), processing_class=tiny_tokenizer(),
-                            teacher=tiny_model(seed=1, hidden=48, layers=3), kd_config=kd_config())
+    from .conftest import kd_config, sft_args, tiny_dataset, tiny_model, tiny_tokenizer
 
-    trainer(tmp_path).train()
+    return KDSFTTrainer(model=tiny_model(seed=0), args=sft_args(out, max_steps=2, save_strategy="steps", save_steps=1),
+                        train_dataset=tiny_dataset(8), processing_class=tiny_tokenizer(),
+                        teacher=tiny_model(seed=1, hidden=48, layers=3), kd_config=kd_config())
+
+
+def test_kd_state_is_on_disk_before_the_checkpoint_is_marked_complete(tmp_path, monkeypatch):
+    """``trainer_state.json`` is what makes a checkpoint resumable; the KD state must already be there (and old
+    checkpoints must not have been rotated away) when it is written -- otherwise a kill in between leaves a
+    resumable checkpoint without KD state."""
+    from transformers import TrainerState
+
+    seen = []
+    real = TrainerState.save_to_json
+
+    def recording_save_to_json(self, json_path):
+        seen.append((Path(json_path).parent.name, (Path(json_path).parent / KD_STATE_NAME).is_file()))
+        return real(self, json_path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", recording_save_to_json)
+    _sft_trainer(tmp_path).train()
+    checkpoints = [(name, has_kd) for name, has_kd in seen if name.startswith("checkpoint-")]
+    assert [name for name, _ in checkpoints] == ["checkpoint-1", "checkpoint-2"]
+    assert all(has_kd for _, has_kd in checkpoints), checkpoints
+
+
+def test_resume_from_checkpoint_without_kd_state_is_refused(tmp_path):
+    _sft_trainer(tmp_path).train()
     checkpoint = tmp_path / "checkpoint-1"
-    (checkpoint / KD_STATE_NAME).unlink()  # what a SIGKILL between _save_checkpoint and on_save leaves
-    with pytest.raises(Exception, match=KD_STATE_NAME):
-        trainer(tmp_path / "resumed").train(resume_from_checkpoint=str(checkpoint))
+    (checkpoint / KD_STATE_NAME).unlink()  # what a kill before the KD state was written would leave
+    with pytest.raises(FileNotFoundError, match=rf"{KD_STATE_NAME} not found: .*cannot be restored"):
+        _sft_trainer(tmp_path / "resumed").train(resume_from_checkpoint=str(checkpoint))
