@@ -153,7 +153,7 @@ def linear_kd_reference(
     )
 
 
-# Elementwise work runs on row blocks of about this many logits (24 MiB in fp32, 128 rows at V=49152): the
+# The generic engine's elementwise work runs on row blocks of about this many logits (24 MiB in fp32, 128 rows at V=49152): the
 # temporaries of the generic autograd engine then come from the allocator's free lists instead of fresh
 # page-faulted memory (on CPU that costs more than the arithmetic), while the matmuls still run on whole
 # chunks. Much smaller blocks were slower on a 2-core CPU (per-op overhead).
@@ -190,7 +190,8 @@ class _FusedLinearKD(torch.autograd.Function):
         rows = min(chunk_size, n)
         student_buf = torch.empty(rows, vocab, dtype=acc, device=device)
         teacher_buf = torch.empty(rows, vocab, dtype=acc, device=device)
-        block_rows = max(1, _BLOCK_ELEMENTS // vocab)
+        # the analytic block allocates nothing of size V, so it runs on whole chunks (measured faster)
+        block_rows = rows if block_loss.func is _forward_kl_block else max(1, _BLOCK_ELEMENTS // vocab)
         scratch = torch.empty(min(block_rows, rows), vocab, dtype=acc, device=device)
 
         for start in range(0, n, chunk_size):
