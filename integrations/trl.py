@@ -34,7 +34,7 @@ from kd_plugins.capture import FeatureCapture, all_finite, find_decoder, run_bac
 from kd_plugins.config import KDConfig
 from kd_plugins.distiller import Distiller
 from kd_plugins.errors import ConfigError, KDError
-from kd_plugins.types import BatchContext
+from kd_plugins.types import BatchContext, Requirements
 from kd_plugins.integrations.teachers import Teacher, check_compatible, model_info, resolve_teacher
 from kd_plugins.integrations.transformers import DistillationCallback
 
@@ -102,7 +102,8 @@ class KDTrainerMixin:
         )
         student_info = model_info(student, "student")
         teacher_info = model_info(self.kd_teacher.model, "teacher")
-        check_compatible(student_info, teacher_info, None if self._kd_has_logit_terms() else _no_logit_req())
+        # vocabulary first (when a logit term is configured), then the resolved layers once the terms exist
+        check_compatible(student_info, teacher_info, None if self._kd_has_logit_terms() else Requirements())
         self.distiller = Distiller(self.kd_config, student=student_info, teacher=teacher_info)
         self.distiller.to(next(student.parameters()).device)
         req = self.distiller.requirements()
@@ -350,12 +351,6 @@ def _normalised_by_num_items(term: nn.Module) -> bool:
     """Logit terms divide token sums by ``num_items_in_batch``; other terms are per-micro-batch means.
     A term can say otherwise with a ``normalized_by_num_items`` attribute."""
     return bool(getattr(term, "normalized_by_num_items", getattr(term, "family", "") == "logit"))
-
-
-def _no_logit_req():
-    from kd_plugins.types import Requirements
-
-    return Requirements()
 
 
 def _shared_params(student: nn.Module, spec: str) -> list[Tensor]:
