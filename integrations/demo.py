@@ -38,7 +38,7 @@ scheduler: {name: constant}
 """
 
 DEFAULTS = dict(
-    steps=200, student_layers=6, strategy="block_influence", block_size=128, batch_size=4, learning_rate=2e-3,
+    steps=150, student_layers=6, strategy="block_influence", block_size=128, batch_size=4, learning_rate=2e-3,
     warmup_ratio=0.1, output_dir="./kd_output/smollm2-student", seed=0, max_minutes=5.0, eval_blocks=48,
     calibration_blocks=8, gen_prompts=3, gen_tokens=32,
 )
