@@ -1,11 +1,13 @@
 """Fused, chunked LM-head + logit KD: never materialises the full ``(N, V)`` logits of either model.
 
 :func:`fused_linear_kd` projects the final hidden states of student and teacher through their LM heads one chunk
-of tokens at a time, computes the per-token loss of the chunk with the same per-token functions as
-:mod:`kd_plugins.functional.logit`, and gets ``d loss / d logits`` for the chunk with ``torch.autograd.grad`` on a
-local leaf (so every loss kind has exact gradients through one generic engine, including logit scale and
-softcapping). The chunk's logit gradient is immediately turned into the gradient of the student hidden states
-and accumulated into the gradient of the LM head, so only ``O(N*H + V*H)`` is kept for backward.
+of tokens at a time and computes, in place in the chunk's logit buffers, the per-token loss and its exact
+gradient with respect to the student logits by an analytic kernel per loss (forward KL ``p - q``; reverse KL
+``p * (log p - log q - L)``; generalized JSD ``(1 - beta) * p * (log p - log m - KL(p||m))``; DKD, see
+``_dkd_kernel``), chained through the student head (logit scale, temperature, softcap). A per-token function
+without a kernel falls back to a generic engine (``torch.autograd.grad`` on a local leaf). The chunk's logit
+gradient is immediately turned into the gradient of the student hidden states and accumulated into the
+gradient of the LM head, so only ``O(N*H + V*H)`` is kept for backward.
 
 Memory: one chunk of ``chunk_size * V`` fp32 logits (a few copies of it while the loss is differentiated) instead
 of ``2 * N * V``. Positions whose label is ``ignore_index`` are dropped before the projection, so padding and
@@ -16,6 +18,7 @@ prompt tokens cost nothing.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -23,7 +26,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kd_plugins.functional._common import IGNORE_INDEX, check_temperature, normalize_token_sum, valid_mask
-from kd_plugins.functional.logit import _check_loss_options, _forward_kl_per_token, _upcast, dkd, forward_kl, generalized_jsd, reverse_kl
+from kd_plugins.functional.logit import (
+    _check_loss_options,
+    _dkd_per_token,
+    _forward_kl_per_token,
+    _generalized_jsd_per_token,
+    _reverse_kl_per_token,
+    _upcast,
+    dkd,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+)
 
 __all__ = ["fused_linear_kd", "linear_kd_reference"]
 
@@ -182,17 +196,12 @@ class _FusedLinearKD(torch.autograd.Function):
         grad_w = torch.zeros(weight_s.shape, dtype=acc, device=device) if need_w else None
         grad_b = torch.zeros(bias_s.shape, dtype=acc, device=device) if need_b else None
 
-        if per_token_fn is _forward_kl_per_token and softcap_s is None:
-            block_loss = partial(_forward_kl_block, scale=scale_s)
-        else:
-            block_loss = partial(_autograd_block, per_token_fn=per_token_fn, options=options, scale=scale_s,
-                                 softcap=softcap_s)
+        block_loss, block_rows, n_scratch = _block_engine(per_token_fn, options, scale_s, softcap_s, n, chunk_size,
+                                                          vocab)
         rows = min(chunk_size, n)
         student_buf = torch.empty(rows, vocab, dtype=acc, device=device)
         teacher_buf = torch.empty(rows, vocab, dtype=acc, device=device)
-        # the analytic block allocates nothing of size V, so it runs on whole chunks (measured faster)
-        block_rows = rows if block_loss.func is _forward_kl_block else max(1, _BLOCK_ELEMENTS // vocab)
-        scratch = torch.empty(min(block_rows, rows), vocab, dtype=acc, device=device)
+        scratch = [torch.empty(min(block_rows, rows), vocab, dtype=acc, device=device) for _ in range(n_scratch)]
 
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
@@ -205,7 +214,7 @@ class _FusedLinearKD(torch.autograd.Function):
             for lo in range(0, stop - start, block_rows):
                 hi = min(lo + block_rows, stop - start)
                 losses[start + lo : start + hi] = block_loss(
-                    student[lo:hi], teacher[lo:hi], targets[start + lo : start + hi], scratch[: hi - lo],
+                    student[lo:hi], teacher[lo:hi], targets[start + lo : start + hi], [b[: hi - lo] for b in scratch],
                     temperature=temperature, need_grad=need_grad,
                 )
             if not need_grad:
@@ -250,10 +259,32 @@ class _FusedLinearKD(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
 
 
+def _block_engine(per_token_fn, options, scale, softcap, n, chunk_size, vocab):
+    """Pick the block function, rows per block and number of scratch buffers for one call.
+
+    Every built-in loss has an analytic gradient (``_ANALYTIC``); an unknown per-token function falls back to the
+    generic local-autograd engine. Blocks that allocate nothing of size ``V`` (forward / reverse KL without a
+    student softcap) run on whole chunks; the others on row blocks of about ``_BLOCK_ELEMENTS`` logits, so their
+    few block-sized temporaries come from the allocator's free lists.
+    """
+    rows = min(chunk_size, n)
+    small_rows = max(1, _BLOCK_ELEMENTS // vocab)
+    analytic = _ANALYTIC.get(per_token_fn)
+    if analytic is None:
+        fn = partial(_autograd_block, per_token_fn=per_token_fn, options=options, scale=scale, softcap=softcap)
+        return fn, small_rows, 0
+    kernel, n_scratch, whole_chunks = analytic
+    fn = partial(_analytic_block, kernel=kernel, options=options, scale=scale, softcap=softcap)
+    if softcap is not None:  # one more buffer keeps the capped logits for the chain rule
+        return fn, small_rows, n_scratch + 1
+    return fn, (rows if whole_chunks else small_rows), n_scratch
+
+
 def _autograd_block(student, teacher, targets, scratch, *, temperature, need_grad, per_token_fn, options, scale,
                     softcap):
-    """Generic engine for one block: per-token losses by the loss's own per-token function, and their exact
-    gradient with respect to the raw (biased) student logits by local autograd, written over ``student``.
+    """Generic engine for one block (fallback for a per-token function without an analytic kernel): per-token
+    losses by the loss's own per-token function, and their exact gradient with respect to the raw (biased)
+    student logits by local autograd, written over ``student``.
 
     ``teacher`` already holds teacher logits divided by ``T``; the student head is divided by ``T`` too
     (``c * tanh(s * x / c) / T`` equals the head with scale ``s / T`` and cap ``c / T``), so the per-token
@@ -272,22 +303,124 @@ def _autograd_block(student, teacher, targets, scratch, *, temperature, need_gra
     return per.detach()
 
 
-def _forward_kl_block(student, teacher, targets, scratch, *, temperature, need_grad, scale):
-    """Analytic forward KL for one block (student without softcap), in place in ``student``, ``teacher`` and
-    ``scratch``: the same value as ``_forward_kl_per_token`` and the exact gradient
-    ``T * scale * (p_S - p_T)`` with respect to the raw student logits, written over ``student``.
-    ``teacher`` already holds teacher logits divided by ``T``.
+def _analytic_block(student, teacher, targets, scratch, *, temperature, need_grad, kernel, options, scale, softcap):
+    """Analytic engine for one block, in place: apply the student head at temperature ``T`` (``z``), let the
+    loss kernel compute the per-token loss ``L(z, y)`` at temperature 1 and write ``dL/dz`` over ``student``,
+    then chain through the head: ``d/dx [T**2 L] = T**2 * dL/dz * dz/dx`` with ``dz/dx = s / T`` (no softcap)
+    or ``(s / T) * (1 - u**2)``, ``u = tanh(s * x / c) = z * T / c`` (softcap ``c``).
+
+    ``teacher`` already holds the teacher logits at temperature ``T`` (``y``).
     """
-    _scale_(student, scale / temperature)
-    torch.log_softmax(teacher, -1, out=scratch)  # scratch = log p_T
-    torch.log_softmax(student, -1, out=teacher)  # teacher = log p_S
-    torch.exp(teacher, out=student)  # student = p_S
-    torch.sub(scratch, teacher, out=teacher)  # teacher = log p_T - log p_S
-    scratch.exp_()  # scratch = p_T
-    losses = teacher.mul_(scratch).sum(-1).mul_(temperature**2)
+    if softcap is None:
+        _scale_(student, scale / temperature)
+    else:
+        _scale_(student, scale)
+        student.div_(softcap).tanh_()  # u
+        kept = scratch.pop()
+        kept.copy_(student)
+        student.mul_(softcap / temperature)
+    losses = kernel(student, teacher, targets, scratch, need_grad=need_grad, **options)
     if need_grad:
-        _scale_(student.sub_(scratch), temperature * scale)
+        _scale_(student, temperature * scale)
+        if softcap is not None:
+            student.mul_(kept.mul_(kept).neg_().add_(1.0))
+    return losses.mul_(temperature**2)
+
+
+# --- analytic loss kernels: logits z (student) and y (teacher) at T=1, rows of a block --------------------------
+# Each returns the per-token loss and, when ``need_grad``, writes dL/dz over ``z``. Buffers are overwritten.
+
+
+def _forward_kl_kernel(z, y, targets, scratch, *, need_grad):
+    """``KL(q || p)``, ``p = softmax(z)``, ``q = softmax(y)``; ``dL/dz = p - q``."""
+    (buf,) = scratch
+    torch.log_softmax(y, -1, out=buf)  # buf = log q
+    torch.log_softmax(z, -1, out=y)  # y = log p
+    torch.exp(y, out=z)  # z = p
+    torch.sub(buf, y, out=y)  # y = log q - log p
+    buf.exp_()  # buf = q
+    losses = y.mul_(buf).sum(-1)
+    if need_grad:
+        z.sub_(buf)
     return losses
+
+
+def _reverse_kl_kernel(z, y, targets, scratch, *, need_grad):
+    """``KL(p || q)``; ``dL/dz_j = p_j * (log p_j - log q_j - L)``."""
+    (buf,) = scratch
+    torch.log_softmax(y, -1, out=buf)  # buf = log q
+    torch.log_softmax(z, -1, out=y)  # y = log p
+    torch.exp(y, out=z)  # z = p
+    y.sub_(buf)  # y = log p - log q
+    losses = torch.mul(z, y, out=buf).sum(-1)
+    if need_grad:
+        z.mul_(y.sub_(losses.unsqueeze(-1)))
+    return losses
+
+
+def _generalized_jsd_kernel(z, y, targets, scratch, *, need_grad, beta=0.5):
+    """``beta * KL(q || m) + (1 - beta) * KL(p || m)``, ``m = beta q + (1 - beta) p`` (log m by logaddexp as in
+    the per-token form). ``dL/dp_j = (1 - beta) * (log p_j - log m_j)`` (the ``q/m`` terms cancel), so
+    ``dL/dz = (1 - beta) * p * (r - KL(p || m))`` with ``r = log p - log m``."""
+    if beta == 0.0:
+        return _forward_kl_kernel(z, y, targets, scratch[:1], need_grad=need_grad)
+    if beta == 1.0:
+        return _reverse_kl_kernel(z, y, targets, scratch[:1], need_grad=need_grad)
+    log_q, log_p = scratch
+    torch.log_softmax(y, -1, out=log_q)
+    torch.log_softmax(z, -1, out=log_p)
+    torch.add(log_p, math.log1p(-beta), out=y)
+    torch.add(log_q, math.log(beta), out=z)
+    torch.logaddexp(y, z, out=z)  # z = log m
+    torch.exp(log_q, out=y)  # y = q
+    log_q.sub_(z)  # log q - log m
+    kl_teacher = y.mul_(log_q).sum(-1)
+    torch.exp(log_p, out=y)  # y = p
+    log_p.sub_(z)  # r = log p - log m
+    kl_student = torch.mul(y, log_p, out=log_q).sum(-1)
+    losses = kl_teacher.mul_(beta).add_(kl_student, alpha=1.0 - beta)
+    if need_grad:
+        torch.mul(y, log_p.sub_(kl_student.unsqueeze(-1)), out=z).mul_(1.0 - beta)
+    return losses
+
+
+def _dkd_kernel(z, y, targets, scratch, *, need_grad, alpha=1.0, beta=2.0):
+    """``alpha * TCKD + beta * NCKD``. With ``p_hat`` / ``q_hat`` the non-target distributions and ``p_t``,
+    ``q_t`` the target probabilities, the gradient is ``dL/dz_t = alpha * (p_t - q_t)`` and, for ``j != t``,
+    ``dL/dz_j = p_hat_j * (alpha * (q_t - p_t) + beta) - beta * q_hat_j``."""
+    if z.shape[-1] < 2:
+        raise ValueError(f"dkd needs a vocabulary of at least 2 tokens, got V={z.shape[-1]}")
+    (buf,) = scratch
+    index = targets.long().unsqueeze(-1)
+    z_t, y_t = z.gather(-1, index).squeeze(-1), y.gather(-1, index).squeeze(-1)
+    z.scatter_(-1, index, float("-inf"))
+    y.scatter_(-1, index, float("-inf"))
+    lse_nt_s, lse_nt_t = torch.logsumexp(z, -1), torch.logsumexp(y, -1)
+    torch.sub(y, lse_nt_t.unsqueeze(-1), out=buf).scatter_(-1, index, 0.0)  # log q_hat (0 at the target)
+    torch.sub(z, lse_nt_s.unsqueeze(-1), out=y).scatter_(-1, index, 0.0)  # log p_hat (0 at the target)
+    torch.exp(y, out=z)  # p_hat (1 at the target, fixed below)
+    torch.sub(buf, y, out=y)  # log q_hat - log p_hat (0 at the target)
+    buf.exp_()  # q_hat (1 at the target)
+    nckd = y.mul_(buf).sum(-1)
+
+    lse_s, lse_t = torch.logaddexp(z_t, lse_nt_s), torch.logaddexp(y_t, lse_nt_t)
+    log_pt_s, log_rest_s = z_t - lse_s, lse_nt_s - lse_s
+    log_pt_t, log_rest_t = y_t - lse_t, lse_nt_t - lse_t
+    pt_s, pt_t = log_pt_s.exp(), log_pt_t.exp()
+    tckd = pt_t * (log_pt_t - log_pt_s) + log_rest_t.exp() * (log_rest_t - log_rest_s)
+    if need_grad:
+        z.mul_((alpha * (pt_t - pt_s) + beta).unsqueeze(-1)).sub_(buf, alpha=beta)
+        z.scatter_(-1, index, (alpha * (pt_s - pt_t)).unsqueeze(-1))
+    return tckd.mul_(alpha).add_(nckd, alpha=beta)
+
+
+# per-token function -> (kernel, scratch buffers it needs, runs on whole chunks)
+_ANALYTIC = {
+    _forward_kl_per_token: (_forward_kl_kernel, 1, True),
+    _reverse_kl_per_token: (_reverse_kl_kernel, 1, True),
+    _generalized_jsd_per_token: (_generalized_jsd_kernel, 2, False),
+    _dkd_per_token: (_dkd_kernel, 1, False),
+}
 
 
 def _teacher_head_(logits: Tensor, scale: float, softcap: float | None, temperature: float) -> None:
