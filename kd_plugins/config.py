@@ -138,7 +138,8 @@ class KDConfig:
         on_nonfinite_teacher: ``raise`` (default) or ``skip`` the transfer terms of a step whose teacher outputs
             contain NaN/inf.
         shared_params: for gradient-aware schedulers, the student parameters on which per-term gradients are
-            compared (``final_norm``, ``last_layer``, or a parameter-name substring).
+            compared: ``last_layer`` (default; reached by logit terms, the task loss and alignment terms on the
+            last block), ``final_norm`` (reached by logit terms and the task loss only), or a parameter-name substring.
     """
 
     ce_weight: float = 1.0
@@ -147,7 +148,7 @@ class KDConfig:
     teacher_dtype: str = "auto"
     projector_lr: float | None = None
     on_nonfinite_teacher: str = "raise"
-    shared_params: str = "final_norm"
+    shared_params: str = "last_layer"
 
     def __post_init__(self) -> None:
         self.terms = [t if isinstance(t, TermConfig) else TermConfig.from_dict(t) for t in (self.terms or [])]
