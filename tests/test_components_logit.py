@@ -154,3 +154,36 @@ def test_available_components_lists_the_builtins():
     logit = available_components()["logit"]
     for name in ("forward_kl", "reverse_kl", "generalized_jsd", "dkd"):
         assert logit[name] == "kd_plugins.components.logit"
+
+
+@pytest.mark.parametrize("cls, builder, fn, options", TERMS, ids=IDS)
+@pytest.mark.parametrize("k", [V, 6])
+def test_term_uses_the_sparse_path_for_a_cached_teacher(cls, builder, fn, options, k):
+    from kd_plugins.functional import sparse_linear_kd
+
+    student, teacher, hf_labels = make_captures()
+    batch = BatchContext.from_inputs(labels=hf_labels, num_items_in_batch=11)
+    term = builder(student=STUDENT, teacher=TEACHER, temperature=2.0, chunk_size=3, **options)
+    dense = term(student, teacher, batch)
+    top = torch.log_softmax(explicit_logits(teacher).detach().double(), -1).topk(k, -1)
+    cached = ModelCapture(info=TEACHER, topk_logprobs=top.values.float(), topk_indices=top.indices.int())
+    sparse = term(student, cached, batch)
+    params = [student.final_hidden, student.lm_head_weight, student.lm_head_bias]
+    if k == V:  # the whole vocabulary cached: the dense loss
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+        for got, ref in zip(torch.autograd.grad(sparse, params), torch.autograd.grad(dense, params)):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    else:
+        want = sparse_linear_kd(
+            student.final_hidden, student.lm_head_weight, cached.topk_logprobs, cached.topk_indices, batch.labels,
+            loss=term.loss_name, loss_kwargs=term.loss_kwargs, student_bias=student.lm_head_bias,
+            student_logit_scale=0.9, student_softcap=4.0, temperature=2.0, num_items_in_batch=11,
+        )
+        torch.testing.assert_close(sparse, want, rtol=1e-6, atol=1e-7)
+        assert sparse.item() != pytest.approx(dense.item(), rel=1e-3)  # really the top-k form
+
+
+def test_teacher_without_hidden_or_topk_is_a_clear_error():
+    student, _, hf_labels = make_captures()
+    with pytest.raises(ValueError, match="top-k log-probs"):
+        DecoupledKDLoss()(student, ModelCapture(info=TEACHER), BatchContext.from_inputs(labels=hf_labels))

@@ -1,7 +1,9 @@
 """Logit-level transfer terms: module forms of :mod:`kd_plugins.functional.logit`, computed fused.
 
 Each term reads the final hidden states and LM heads from the captures and calls
-:func:`kd_plugins.functional.fused.fused_linear_kd`, so full-vocabulary logits are never materialised. The
+:func:`kd_plugins.functional.fused.fused_linear_kd`, so full-vocabulary logits are never materialised. When the
+teacher capture comes from an offline cache (``final_hidden`` None, ``topk_logprobs`` / ``topk_indices`` set) the
+term computes the sparse top-k form instead (:func:`kd_plugins.functional.sparse.sparse_linear_kd`). The
 model's own bias, logit scale and final-logit softcap are taken from the captures, so the loss sees exactly
 the logits the models produce.
 
@@ -17,6 +19,7 @@ from kd_plugins.errors import IncompatibleModelsError
 from kd_plugins.functional._common import check_temperature
 from kd_plugins.functional.fused import fused_linear_kd
 from kd_plugins.functional.logit import _check_loss_options
+from kd_plugins.functional.sparse import sparse_linear_kd
 from kd_plugins.hookspecs import hookimpl
 from kd_plugins.types import BatchContext, DistillationTerm, ModelCapture, ModelInfo, Requirements
 
@@ -54,13 +57,35 @@ class _FusedLogitTerm(DistillationTerm):
     def forward(self, student: ModelCapture, teacher: ModelCapture, batch: BatchContext) -> Tensor:
         """Args: captures with ``final_hidden (B, T, H)`` and ``lm_head_weight (V, H)``; ``batch.labels (B, T)``
         aligned with positions. Returns a 0-dim fp32 loss."""
-        for role, capture in (("student", student), ("teacher", teacher)):
-            if capture.final_hidden is None or capture.lm_head_weight is None:
-                raise ValueError(
-                    f"{type(self).__name__} needs the {role}'s final hidden states and LM head weight, but the "
-                    f"{role} capture of {capture.info.name!r} has none (an offline top-k teacher cache cannot "
-                    "drive this term)"
-                )
+        if student.final_hidden is None or student.lm_head_weight is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the student's final hidden states and LM head weight, but the "
+                f"student capture of {student.info.name!r} has none"
+            )
+        if teacher.final_hidden is None and teacher.topk_logprobs is not None and teacher.topk_indices is not None:
+            # offline teacher (top-k cache): the sparse bucket form, see kd_plugins.functional.sparse
+            return sparse_linear_kd(
+                student.final_hidden,
+                student.lm_head_weight,
+                teacher.topk_logprobs,
+                teacher.topk_indices,
+                batch.labels,
+                loss=self.loss_name,
+                loss_kwargs=self.loss_kwargs,
+                student_bias=student.lm_head_bias,
+                student_logit_scale=student.logit_scale,
+                student_softcap=student.logit_softcap,
+                temperature=self.temperature,
+                ignore_index=batch.ignore_index,
+                num_items_in_batch=batch.num_items_in_batch,
+                chunk_size=self.chunk_size,
+            )
+        if teacher.final_hidden is None or teacher.lm_head_weight is None:
+            raise ValueError(
+                f"{type(self).__name__} needs the teacher's final hidden states and LM head weight (or, from an "
+                f"offline cache, its top-k log-probs and indices), but the teacher capture of "
+                f"{teacher.info.name!r} has neither"
+            )
         return fused_linear_kd(
             student.final_hidden,
             student.lm_head_weight,

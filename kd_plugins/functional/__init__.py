@@ -15,3 +15,7 @@ from kd_plugins.functional.fused import fused_linear_kd, linear_kd_reference
 from kd_plugins.functional.logit import dkd, forward_kl, generalized_jsd, reverse_kl
 
 __all__ += ["forward_kl", "reverse_kl", "generalized_jsd", "dkd", "fused_linear_kd", "linear_kd_reference"]
+
+from kd_plugins.functional.sparse import sparse_kd_reference, sparse_linear_kd
+
+__all__ += ["sparse_linear_kd", "sparse_kd_reference"]

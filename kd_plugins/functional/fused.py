@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -108,21 +109,21 @@ def fused_linear_kd(
     with torch.no_grad():
         hidden_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])[mask]
     targets = labels.reshape(-1)[mask]
-    per_token = _FusedLinearKD.apply(
-        hidden_s,
-        student_weight,
-        student_bias,
-        hidden_t,
-        teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(),
-        targets,
-        per_token_fn,
-        options,
-        (student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap),
-        temperature,
-        chunk_size,
-        torch.is_grad_enabled(),  # under no_grad (evaluation) skip the gradient work entirely
+    n, vocab = hidden_s.shape[0], student_weight.shape[0]
+    block_loss, block_rows, n_scratch = _block_engine(
+        per_token_fn, options, student_logit_scale, student_softcap, n, chunk_size, vocab
     )
+    teacher_head = (hidden_t, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
+                    teacher_logit_scale, teacher_softcap, temperature)
+    plan = _ChunkPlan(
+        teacher_chunk=partial(_dense_teacher_chunk, teacher_head),
+        block_loss=partial(block_loss, temperature=temperature),
+        block_rows=block_rows,
+        n_scratch=n_scratch,
+        teacher_buffer=True,
+        chunk_size=chunk_size,
+    )
+    per_token = _FusedLinearKD.apply(hidden_s, student_weight, student_bias, targets, plan, torch.is_grad_enabled())
     return normalize_token_sum(per_token, torch.ones_like(per_token, dtype=torch.bool), num_items_in_batch)
 
 
@@ -174,6 +175,22 @@ def linear_kd_reference(
 _BLOCK_ELEMENTS = 6 << 20
 
 
+class _ChunkPlan(NamedTuple):
+    """What :class:`_FusedLinearKD` does per chunk, so the dense and the sparse (top-k) teacher share the loop.
+
+    ``teacher_chunk(start, stop, buffer)`` returns the teacher side of rows ``start:stop`` (the dense path
+    projects the teacher logits into ``buffer``); ``block_loss(student, teacher_rows, targets, scratch,
+    need_grad=...)`` returns per-token losses and writes ``d loss / d raw student logits`` over ``student``.
+    """
+
+    teacher_chunk: Callable
+    block_loss: Callable
+    block_rows: int
+    n_scratch: int
+    teacher_buffer: bool
+    chunk_size: int
+
+
 class _FusedLinearKD(torch.autograd.Function):
     """Returns per-token losses ``(n,)`` of the valid rows; gradients are computed in ``forward``.
 
@@ -183,9 +200,7 @@ class _FusedLinearKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden_s, weight_s, bias_s, hidden_t, weight_t, bias_t, targets, per_token_fn, options,
-                heads, temperature, chunk_size, grad_enabled):
-        scale_s, softcap_s, scale_t, softcap_t = heads
+    def forward(ctx, hidden_s, weight_s, bias_s, targets, plan, grad_enabled):
         need_h, need_w, need_b = (grad_enabled and needed for needed in ctx.needs_input_grad[:3])
         need_grad = need_h or need_w or need_b
         n, vocab = hidden_s.shape[0], weight_s.shape[0]
@@ -196,26 +211,24 @@ class _FusedLinearKD(torch.autograd.Function):
         grad_w = torch.zeros(weight_s.shape, dtype=acc, device=device) if need_w else None
         grad_b = torch.zeros(bias_s.shape, dtype=acc, device=device) if need_b else None
 
-        block_loss, block_rows, n_scratch = _block_engine(per_token_fn, options, scale_s, softcap_s, n, chunk_size,
-                                                          vocab)
+        chunk_size, block_rows = plan.chunk_size, plan.block_rows
         rows = min(chunk_size, n)
         student_buf = torch.empty(rows, vocab, dtype=acc, device=device)
-        teacher_buf = torch.empty(rows, vocab, dtype=acc, device=device)
-        scratch = [torch.empty(min(block_rows, rows), vocab, dtype=acc, device=device) for _ in range(n_scratch)]
+        teacher_buf = torch.empty(rows, vocab, dtype=acc, device=device) if plan.teacher_buffer else None
+        scratch = [torch.empty(min(block_rows, rows), vocab, dtype=acc, device=device) for _ in range(plan.n_scratch)]
 
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             h = hidden_s[start:stop]
-            student, teacher = student_buf[: stop - start], teacher_buf[: stop - start]
-            _project_into(teacher, hidden_t[start:stop], weight_t, bias_t)
-            _teacher_head_(teacher, scale_t, softcap_t, temperature)
+            student = student_buf[: stop - start]
+            teacher = plan.teacher_chunk(start, stop, None if teacher_buf is None else teacher_buf[: stop - start])
             _project_into(student, h, weight_s, bias_s)
             # per block: losses, and d(loss)/d(raw student logits) written over the student logits
             for lo in range(0, stop - start, block_rows):
                 hi = min(lo + block_rows, stop - start)
-                losses[start + lo : start + hi] = block_loss(
-                    student[lo:hi], teacher[lo:hi], targets[start + lo : start + hi], [b[: hi - lo] for b in scratch],
-                    temperature=temperature, need_grad=need_grad,
+                losses[start + lo : start + hi] = plan.block_loss(
+                    student[lo:hi], _rows(teacher, lo, hi), targets[start + lo : start + hi],
+                    [b[: hi - lo] for b in scratch], need_grad=need_grad,
                 )
             if not need_grad:
                 continue
@@ -256,7 +269,21 @@ class _FusedLinearKD(torch.autograd.Function):
                     )
             grad_w = None if grad_w is None else grad_w * scale.to(grad_w.dtype)
             grad_b = None if grad_b is None else grad_b * scale.to(grad_b.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def _rows(teacher, lo, hi):
+    """Rows ``lo:hi`` of a teacher chunk: a tensor, or a tuple of per-row tensors (sparse teacher)."""
+    if isinstance(teacher, tuple):
+        return tuple(t[lo:hi] for t in teacher)
+    return teacher[lo:hi]
+
+
+def _dense_teacher_chunk(teacher_head, start, stop, buffer):
+    hidden_t, weight_t, bias_t, scale_t, softcap_t, temperature = teacher_head
+    _project_into(buffer, hidden_t[start:stop], weight_t, bias_t)
+    _teacher_head_(buffer, scale_t, softcap_t, temperature)
+    return buffer
 
 
 def _block_engine(per_token_fn, options, scale, softcap, n, chunk_size, vocab):
