@@ -18,6 +18,7 @@ the Trainer divides the total by the accumulation steps, as it does for its own 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import defaultdict
@@ -36,6 +37,7 @@ from kd_plugins.distiller import Distiller
 from kd_plugins.errors import ConfigError, KDError
 from kd_plugins.types import BatchContext, Requirements
 from kd_plugins.integrations.teachers import Teacher, check_compatible, model_info, resolve_teacher
+from kd_plugins.integrations.teacher_cache import TeacherCache
 from kd_plugins.integrations.transformers import DistillationCallback
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,8 @@ class KDTrainerMixin:
     """Adds distillation to a ``transformers.Trainer`` subclass (put it first in the bases).
 
     Extra keyword arguments:
-        teacher: teacher model object, model path / hub id, or ``"self"`` (PEFT student, adapters disabled).
+        teacher: teacher model object, model path / hub id, ``"self"`` (PEFT student, adapters disabled), or a
+            :class:`~kd_plugins.integrations.teacher_cache.TeacherCache` (offline teacher: no teacher forward).
         kd_config: :class:`KDConfig`, dict, or YAML path.
 
     Attributes after construction: ``distiller`` (the :class:`Distiller`, on the student's device),
@@ -97,11 +100,16 @@ class KDTrainerMixin:
         attn = getattr(getattr(unwrap_model(student), "config", None), "_attn_implementation", None)
         if isinstance(teacher, str) and teacher != "self" and attn:
             load_kwargs["attn_implementation"] = attn  # a teacher path follows the student (sdpa, flash, ...)
-        self.kd_teacher: Teacher = resolve_teacher(
-            teacher, student, dtype=self.kd_config.teacher_dtype, **load_kwargs
-        )
+        # an offline TeacherCache replaces the teacher model: its rows become the teacher capture
+        self._kd_cache: TeacherCache | None = teacher if isinstance(teacher, TeacherCache) else None
+        if self._kd_cache is None:
+            self.kd_teacher: Teacher | None = resolve_teacher(
+                teacher, student, dtype=self.kd_config.teacher_dtype, **load_kwargs
+            )
+            teacher_info = model_info(self.kd_teacher.model, "teacher")
+        else:
+            self.kd_teacher, teacher_info = None, self._kd_cache.model_info
         student_info = model_info(student, "student")
-        teacher_info = model_info(self.kd_teacher.model, "teacher")
         # vocabulary first (when a logit term is configured), then the resolved layers once the terms exist
         check_compatible(student_info, teacher_info, None if self._kd_has_logit_terms() else Requirements())
         self.distiller = Distiller(self.kd_config, student=student_info, teacher=teacher_info)
@@ -112,10 +120,14 @@ class KDTrainerMixin:
             student, info=student_info, layers=req.student_layers, qkv_layers=req.student_qkv_layers,
             final_hidden=req.final_hidden,
         )
-        self._kd_teacher_capture = FeatureCapture(
-            self.kd_teacher.model, info=teacher_info, layers=req.teacher_layers,
-            qkv_layers=req.teacher_qkv_layers, final_hidden=req.final_hidden,
-        )
+        if self._kd_cache is None:
+            self._kd_teacher_capture = FeatureCapture(
+                self.kd_teacher.model, info=teacher_info, layers=req.teacher_layers,
+                qkv_layers=req.teacher_qkv_layers, final_hidden=req.final_hidden,
+            )
+        else:
+            self._kd_cache.check_requirements(req)
+            self._kd_cache_layers = req.teacher_layers
         self._kd_shared_params = _shared_params(student, self.kd_config.shared_params)
         self._kd_term_scale: dict[str, float] = {}
         for label, term in self.distiller.terms.items():
@@ -180,29 +192,17 @@ class KDTrainerMixin:
         self._kd_check_student_graph(student_capture)
         host_loss, outputs = result if return_outputs else (result, None)
 
-        with self.kd_teacher.forward_context(), self._kd_teacher_capture.recording():
-            run_backbone(self.kd_teacher.model, kd_inputs)
-            teacher_capture = self._kd_teacher_capture.result()  # inside: a 'self' teacher's head has no adapters
-        if not all_finite(teacher_capture):
-            if self.kd_config.on_nonfinite_teacher == "raise":
-                raise NonFiniteTeacherError(
-                    f"teacher outputs contain NaN/inf at step {self.state.global_step}; set "
-                    "on_nonfinite_teacher: skip to train on the task loss alone for such steps"
-                )
-            logger.warning("kd_plugins: non-finite teacher outputs at step %d; skipping transfer terms",
-                           self.state.global_step)
-            self._kd_accumulate({"kd/skipped_steps": 1.0}, {})
-            return result
-
+        if self._kd_cache is not None:
+            teacher_capture = self._kd_cache.capture(kd_inputs, layers=self._kd_cache_layers)
+        else:
+            with self.kd_teacher.forward_context(), self._kd_teacher_capture.recording():
+                run_backbone(self.kd_teacher.model, kd_inputs)
+                teacher_capture = self._kd_teacher_capture.result()  # inside: a 'self' teacher's head has no adapters
         num_items = self._kd_num_items(inputs, num_items_in_batch)
         scaled_for_ga = self._kd_loss_is_scaled_for_ga(num_items)
         ga = max(1, int(getattr(self, "current_gradient_accumulation_steps", None)
                         or self.args.gradient_accumulation_steps))
         world = self._kd_world_factor(num_items) if scaled_for_ga else 1
-        self._kd_term_scale = {
-            label: (world if _normalised_by_num_items(term) else 1.0 / ga) if scaled_for_ga else 1.0
-            for label, term in self.distiller.terms.items()
-        }
         batch = BatchContext.from_inputs(
             labels=kd_inputs.get("labels"),
             input_ids=kd_inputs.get("input_ids"),
@@ -211,9 +211,28 @@ class KDTrainerMixin:
             num_items_in_batch=num_items if scaled_for_ga else None,
             step=self.state.global_step,
         )
+        if not all_finite(teacher_capture):
+            if self.kd_config.on_nonfinite_teacher == "raise":
+                raise NonFiniteTeacherError(
+                    f"teacher outputs contain NaN/inf at step {self.state.global_step}; set "
+                    "on_nonfinite_teacher: skip to train on the task loss alone for such steps"
+                )
+            logger.warning("kd_plugins: non-finite teacher outputs at step %d; skipping transfer terms",
+                           self.state.global_step)
+            # other ranks may run the terms: take part in the scheduler's collectives with no weight
+            self.distiller.skip_transfer(batch, task_loss=host_loss, shared_params=self._kd_shared_params,
+                                         reduce=self._kd_cross_rank_mean(contributes=False))
+            self._kd_accumulate({"kd/skipped_steps": 1.0}, {})
+            return result
+
+        self._kd_term_scale = {
+            label: (world if _normalised_by_num_items(term) else 1.0 / ga) if scaled_for_ga else 1.0
+            for label, term in self.distiller.terms.items()
+        }
         try:
             out = self.distiller(
-                student_capture, teacher_capture, batch, task_loss=host_loss, shared_params=self._kd_shared_params
+                student_capture, teacher_capture, batch, task_loss=host_loss, shared_params=self._kd_shared_params,
+                reduce=self._kd_cross_rank_mean(contributes=True),
             )
         finally:
             self._kd_term_scale = {}
@@ -260,6 +279,15 @@ class KDTrainerMixin:
             return 1.0
         tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
         return float(self.accelerator.num_processes // tp)
+
+    def _kd_cross_rank_mean(self, *, contributes: bool):
+        """The Distiller's ``reduce`` under DDP: a mean over the ranks that ``contribute`` (a rank that skipped
+        the transfer terms still joins the collective, with no weight). None in a single process."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return None
+        return functools.partial(_mean_over_contributing_ranks, contributes=contributes)
 
     def _kd_scale_hook(self, label: str):
         def hook(module, args, output):
@@ -345,6 +373,19 @@ def enable_distillation(trainer: Trainer, *, teacher: Any, config: Any) -> Train
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
+
+
+def _mean_over_contributing_ranks(tensor: Tensor, *, contributes: bool) -> Tensor:
+    """All-reduce ``tensor`` (any shape) to its mean over the contributing ranks, in float64: one collective that
+    also carries the count. NaN where no rank contributed (schedulers ignore non-finite values)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([tensor.detach().reshape(-1).to(torch.float64),
+                      torch.ones(1, dtype=torch.float64, device=tensor.device)])
+    if not contributes:
+        flat.zero_()
+    dist.all_reduce(flat)
+    return (flat[:-1] / flat[-1]).to(tensor.dtype).view_as(tensor)
 
 
 def _normalised_by_num_items(term: nn.Module) -> bool:

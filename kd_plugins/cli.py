@@ -8,6 +8,8 @@ Subcommands:
   ``trl sft`` with distillation; every ``trl sft`` argument and YAML key works, plus ``kd_config:`` (a path) or
   an inline ``kd:`` block and ``teacher_model_name_or_path:`` in the same ``--config`` YAML.
 * ``kd-plugins demo [...]`` -- the SmolLM2 demonstration (``kd_plugins.integrations.demo``).
+* ``kd-plugins cache-teacher --teacher PATH|smollm2 --data pydoc_topics|PATH --out DIR [--k 64] [--layers ...]``
+  -- the offline teacher cache (``kd_plugins.integrations.teacher_cache``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Sequence
 _DELEGATED = {
     "sft": ("kd_plugins.integrations.sft_cli", "TRL's `trl sft` with distillation (all trl sft arguments + KD)"),
     "demo": ("kd_plugins.integrations.demo", "the SmolLM2 distillation demo"),
+    "cache-teacher": ("kd_plugins.integrations.teacher_cache", "run a teacher once and cache its top-k log-probs"),
 }
 
 
