@@ -32,7 +32,9 @@ class DistillationCallback(TrainerCallback):
         distiller: the run's :class:`~kd_plugins.Distiller`.
 
     It also owns the Distiller's gradient lifecycle, which the Trainer does not see: gradients are averaged
-    across ranks before each optimizer step (DDP) and cleared after it.
+    across ranks before each optimizer step (DDP) and cleared after it. The scheduler's state needs no syncing:
+    under DDP the trainer mixin hands the Distiller a ``reduce`` so that every rank's scheduler sees the same
+    rank-mean losses and probe gradients, and so computes the same weights and state.
 
     ``on_save`` writes the state atomically (temporary file, then ``os.replace``) into
     ``output_dir/checkpoint-<global_step>``. :meth:`load` restores it; the trainer mixin calls it when
@@ -77,30 +79,6 @@ class DistillationCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         # Trainer zeroes only the model's gradients after the optimizer step; the Distiller's are ours to clear.
         self.distiller.zero_grad(set_to_none=True)
-        self._average_scheduler_state()
-
-    def _average_scheduler_state(self) -> None:
-        """Under DDP, average the scheduler's floating-point state across ranks after each step.
-
-        Gradient-aware schedulers update from rank-local losses and gradient probes; averaging keeps one
-        scheduler state for the whole job (the weights of a step are still computed from local values).
-        """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        tensors = [t for t in self.distiller.scheduler.state_dict().values()
-                   if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        if not tensors:
-            return
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-        dist.all_reduce(flat)
-        flat.div_(dist.get_world_size())
-        offset = 0
-        with torch.no_grad():
-            for tensor in tensors:
-                tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
-                offset += tensor.numel()
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:

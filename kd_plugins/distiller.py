@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pluggy
 import torch
@@ -130,6 +130,8 @@ class Distiller(nn.Module):
         *,
         task_loss: Tensor | None = None,
         shared_params: Iterable[Tensor] | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+        regularizer_scale: float = 1.0,
     ) -> DistillOutput:
         """Compute every term, ask the scheduler for weights and combine.
 
@@ -139,15 +141,19 @@ class Distiller(nn.Module):
             task_loss: the host's task loss (e.g. CE), already normalised like the host does it.
             shared_params: student parameters for gradient-aware schedulers (only used on steps where the
                 scheduler asks for gradients).
+            reduce: for data parallelism, a callable averaging a tensor across ranks (a collective; the
+                integration builds it from ``torch.distributed``). When given, the scheduler sees the rank-mean of
+                the detached term losses (one call per step) and of every probe gradient (one call per gradient
+                it asks for), so every rank computes the same weights. None: single process.
+            regularizer_scale: factor on the scheduler's :meth:`~WeightScheduler.regularizer` in this call, so it
+                counts once per optimizer step (``1 / accumulation steps`` when the host does not divide the
+                returned loss by the accumulation steps itself).
+
+        Every rank must call this (or :meth:`skip_transfer`) once per micro-batch with the same ``reduce``
+        arrangement: the collectives are issued in the same order on every rank.
         """
         losses = {label: term(student, teacher, batch) for label, term in self.terms.items()}
-        probe = None
-        if shared_params is not None and self.scheduler.needs_gradients(batch.step):
-            probe_losses = dict(losses)
-            if task_loss is not None:
-                probe_losses["task"] = task_loss
-            probe = GradientProbe(probe_losses, list(shared_params))
-        weights = self.scheduler.weights(step=batch.step, losses=losses, gradients=probe)
+        weights = self._schedule(batch.step, losses, task_loss, shared_params, reduce)
         missing = set(losses) - set(weights)
         if missing:
             raise RuntimeError(f"scheduler {self.config.scheduler.name!r} returned no weight for {sorted(missing)}")
@@ -157,7 +163,7 @@ class Distiller(nn.Module):
             transfer = transfer + weights[label] * loss
         regularizer = self.scheduler.regularizer()
         if regularizer is not None:
-            transfer = transfer + regularizer
+            transfer = transfer + (regularizer if regularizer_scale == 1.0 else regularizer_scale * regularizer)
         total = transfer if task_loss is None else self.config.ce_weight * task_loss + transfer
         float_weights = {k: float(weights[k].detach() if isinstance(weights[k], Tensor) else weights[k]) for k in losses}
         detached = {k: v.detach() for k, v in losses.items()}
@@ -167,6 +173,50 @@ class Distiller(nn.Module):
         metrics.update({f"scheduler/{k}": v for k, v in self.scheduler.metrics().items()})
         self._pm.hook.kd_step_end(step=batch.step, total=transfer, losses=detached, weights=float_weights)
         return DistillOutput(loss=total, transfer=transfer, losses=detached, weights=float_weights, metrics=metrics)
+
+    def skip_transfer(
+        self,
+        batch: BatchContext,
+        *,
+        task_loss: Tensor | None = None,
+        shared_params: Iterable[Tensor] | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
+        """Stand in for :meth:`forward` on a rank that skips the transfer terms this step (e.g. a non-finite
+        teacher with ``on_nonfinite_teacher: skip``) while other ranks run them.
+
+        With ``reduce`` it takes part in exactly the collectives :meth:`forward` issues, with zero losses and zero
+        gradients -- ``reduce`` must give this rank no weight in the mean -- and the scheduler advances on the
+        other ranks' values, so every rank keeps the same scheduler state. Without ``reduce`` it does nothing (a
+        single process simply has no transfer terms this step). Returns nothing to backpropagate.
+        """
+        if reduce is None:
+            return
+        device = task_loss.device if isinstance(task_loss, Tensor) else batch.labels.device
+        zeros = {label: torch.zeros((), device=device) for label in self.terms}
+        task = None if task_loss is None else torch.zeros((), device=device)
+        self._schedule(batch.step, zeros, task, shared_params, reduce)
+
+    def _schedule(
+        self,
+        step: int,
+        losses: dict[str, Tensor],
+        task_loss: Tensor | None,
+        shared_params: Iterable[Tensor] | None,
+        reduce: Callable[[Tensor], Tensor] | None,
+    ) -> dict[str, float | Tensor]:
+        """The scheduler's weights for this step, from detached (rank-mean) losses and the gradient probe."""
+        observed = {k: v.detach() for k, v in losses.items()}
+        if reduce is not None and observed:
+            stacked = torch.stack([v.reshape(()).to(torch.float64) for v in observed.values()])
+            observed = dict(zip(observed, reduce(stacked).unbind()))
+        probe = None
+        if shared_params is not None and self.scheduler.needs_gradients(step):
+            probe_losses = dict(losses)
+            if task_loss is not None:
+                probe_losses["task"] = task_loss
+            probe = GradientProbe(probe_losses, list(shared_params), reduce=reduce)
+        return self.scheduler.weights(step=step, losses=observed, gradients=probe)
 
     # --- state --------------------------------------------------------------------------------------------
 

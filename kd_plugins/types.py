@@ -8,7 +8,7 @@ LM head consumes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -206,9 +206,16 @@ class WeightScheduler(nn.Module):
 
     Contract: each step the Distiller calls ``weights(step=..., losses=..., gradients=...)`` and gets
     ``{term: weight}`` (floats or 0-dim tensors; a tensor with ``requires_grad`` lets a scheduler learn through
-    the loss, as uncertainty weighting does). ``gradients`` is None unless ``needs_gradients(step)`` returned
-    True for this step; then it is a :class:`GradientProbe` giving per-term gradients on a small shared parameter
-    set, computed with ``torch.autograd.grad`` (no second backward of the whole model).
+    the loss, as uncertainty weighting does). ``losses`` are *detached* 0-dim values (``{term: loss}``), already
+    averaged across data-parallel ranks when the Distiller was given a ``reduce``; a scheduler must not
+    backpropagate through them. ``gradients`` is None unless ``needs_gradients(step)`` returned True for this
+    step; then it is a :class:`GradientProbe` giving per-term gradients on a small shared parameter set, computed
+    with ``torch.autograd.grad`` (no second backward of the whole model) -- the only way gradients reach a
+    scheduler.
+
+    Under data parallelism every rank must call the probe for the same names in the same order (the probe's
+    ``reduce`` is a collective): decide what to probe from the scheduler's state, the step and values already
+    returned by the probe or found in ``losses``, never from anything rank-local.
 
     State is the module's ``state_dict()`` (buffers and parameters) plus anything returned by ``extra_state``.
     """
@@ -228,9 +235,11 @@ class WeightScheduler(nn.Module):
     def regularizer(self) -> Tensor | None:
         """An extra loss the Distiller adds to ``transfer`` on the step whose ``weights`` were just returned.
 
-        Called once per step, right after :meth:`weights`. ``None`` (the default) adds nothing. A scheduler whose
-        weights are learned through the loss uses it to keep them from collapsing to zero (uncertainty weighting
-        adds ``sum_i s_i``, the log-variances).
+        Called right after :meth:`weights`. ``None`` (the default) adds nothing. A scheduler whose weights are
+        learned through the loss uses it to keep them from collapsing to zero (uncertainty weighting adds
+        ``sum_i s_i``, the log-variances). It is meant to count once per optimizer step: under gradient
+        accumulation the Distiller multiplies it by its ``regularizer_scale`` (``1 / accumulation steps`` when the
+        host's loss is not divided by the accumulation steps afterwards).
         """
         return None
 
@@ -240,11 +249,22 @@ class GradientProbe:
 
     ``grad(name)`` returns the flattened gradient of the *unweighted* loss of term ``name`` (or ``"task"``
     for the host's CE loss) with respect to ``params``, computed once and cached.
+
+    Args:
+        losses: ``{name: loss}`` attached to the graph (a loss without gradient gives a zero gradient).
+        params: the shared parameters; those without ``requires_grad`` are left out.
+        reduce: optional callable ``tensor -> tensor`` applied to each flattened gradient before it is cached,
+            e.g. a mean across data-parallel ranks. It is a collective then: it runs once per ``grad(name)``
+            that misses the cache, also for a loss without gradient (zeros), so ranks call it identically as
+            long as they ask for the same names in the same order.
     """
 
-    def __init__(self, losses: Mapping[str, Tensor], params: list[Tensor]):
+    def __init__(
+        self, losses: Mapping[str, Tensor], params: list[Tensor], reduce: Callable[[Tensor], Tensor] | None = None
+    ):
         self._losses = dict(losses)
         self._params = [p for p in params if p.requires_grad]
+        self._reduce = reduce
         self._cache: dict[str, Tensor] = {}
 
     @property
@@ -257,12 +277,13 @@ class GradientProbe:
             if not self._params:
                 raise RuntimeError("GradientProbe has no trainable shared parameters")
             if not loss.requires_grad:
-                self._cache[name] = torch.zeros(sum(p.numel() for p in self._params), device=loss.device)
+                flat = torch.zeros(sum(p.numel() for p in self._params), device=loss.device)
             else:
                 grads = torch.autograd.grad(loss, self._params, retain_graph=True, allow_unused=True)
-                self._cache[name] = torch.cat(
+                flat = torch.cat(
                     [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, self._params)]
                 )
+            self._cache[name] = flat if self._reduce is None else self._reduce(flat)
         return self._cache[name]
 
     def norm(self, name: str) -> Tensor:

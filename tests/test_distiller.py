@@ -49,12 +49,15 @@ class RecordingScheduler(WeightScheduler):
         self.every = every
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self.seen_gradients = []
+        self.seen_losses = []
 
     def needs_gradients(self, step):
         return step % self.every == 0
 
     def weights(self, *, step, losses, gradients=None):
         self.calls += 1
+        assert not any(v.requires_grad for v in losses.values()), "schedulers get detached losses"
+        self.seen_losses.append({k: float(v) for k, v in losses.items()})
         if gradients is not None:
             self.seen_gradients.append({n: float(gradients.norm(n)) for n in gradients.names})
         return {k: self.base_weights[k] * 2.0 for k in losses}
@@ -143,6 +146,61 @@ def test_gradient_probe_only_on_requested_steps(plugin):
     assert len(seen) == 2  # steps 0 and 2
     assert seen[0]["task"] == pytest.approx(float(2 * torch.ones(6).norm()))
     assert seen[0]["test_mse"] > 0
+
+
+def _shared_step(distiller, shared, reduce, *, skip=False, seed=0):
+    student, teacher, batch = _captures(seed)
+    student.hidden_states[1] = student.hidden_states[1] * shared
+    task = (shared**2).sum()
+    if skip:
+        return distiller.skip_transfer(batch, task_loss=task, shared_params=[shared], reduce=reduce)
+    return distiller(student, teacher, batch, task_loss=task, shared_params=[shared], reduce=reduce)
+
+
+def test_reduce_is_applied_to_the_schedulers_losses_and_probe_gradients(plugin):
+    """``reduce`` (a cross-rank mean under DDP) reaches the scheduler: once on the stacked detached losses, once
+    per probe gradient; the returned losses stay this rank's own."""
+    config = KDConfig(terms=[{"name": "test_mse"}, {"name": "test_mse", "label": "b"}],
+                      scheduler={"name": "test_recording"})
+    distiller = Distiller(config, student=STUDENT, teacher=TEACHER)
+    shared = nn.Parameter(torch.ones(6))
+    calls = []
+
+    def halve(tensor):
+        calls.append(tuple(tensor.shape))
+        return tensor / 2
+
+    out = _shared_step(distiller, shared, halve)
+    plain = _shared_step(distiller, shared, None)
+    assert calls == [(2,), (6,), (6,), (6,)]  # losses, then test_mse, b, task gradients
+    seen, seen_plain = distiller.scheduler.seen_losses
+    assert seen == {k: pytest.approx(v / 2) for k, v in seen_plain.items()}
+    grads, grads_plain = distiller.scheduler.seen_gradients
+    assert grads == {k: pytest.approx(v / 2) for k, v in grads_plain.items()}
+    assert {k: float(v) for k, v in out.losses.items()} == pytest.approx(seen_plain)
+
+
+def test_skip_transfer_issues_the_same_collectives_as_forward(plugin):
+    """A rank that skips the transfer terms (non-finite teacher) must still join every collective the other ranks
+    issue, with zeros, and advance its scheduler on the reduced values -- or DDP deadlocks."""
+    config = KDConfig(terms=[{"name": "test_mse"}, {"name": "test_mse", "label": "b"}],
+                      scheduler={"name": "test_recording"})
+    shared = nn.Parameter(torch.ones(6))
+    issued = {}
+    for role, skip in (("runs", False), ("skips", True)):
+        distiller = Distiller(config, student=STUDENT, teacher=TEACHER)
+        calls = issued[role] = []
+
+        def record(tensor, calls=calls):
+            calls.append(tensor.clone())
+            return torch.full_like(tensor, 3.0)  # the other ranks' mean
+
+        _shared_step(distiller, shared, record, skip=skip)
+        assert distiller.scheduler.seen_losses == [{"test_mse": 3.0, "b": 3.0}]
+        assert distiller.scheduler.seen_gradients[0] == {k: pytest.approx(3.0 * 6**0.5) for k in ("test_mse", "b", "task")}
+    assert [c.shape for c in issued["runs"]] == [c.shape for c in issued["skips"]]
+    assert all(float(c.abs().sum()) == 0 for c in issued["skips"])
+    assert _shared_step(Distiller(config, student=STUDENT, teacher=TEACHER), shared, None, skip=True) is None
 
 
 def test_state_round_trip_and_mismatch(plugin):
