@@ -233,6 +233,8 @@ class KDTrainerMixin:
             out = self.distiller(
                 student_capture, teacher_capture, batch, task_loss=host_loss, shared_params=self._kd_shared_params,
                 reduce=self._kd_cross_rank_mean(contributes=True),
+                # once per optimizer step: the Trainer does not divide a GA-scaled loss by the accumulation steps
+                regularizer_scale=1.0 / ga if scaled_for_ga else 1.0,
             )
         finally:
             self._kd_term_scale = {}
