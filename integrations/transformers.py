@@ -44,6 +44,7 @@ class DistillationCallback(TrainerCallback):
     def __init__(self, distiller: Distiller):
         self.distiller = distiller
         self._last_saved: str | None = None
+        self._averaged = False  # gradients of the current optimizer step already averaged across ranks
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.distiller.zero_grad(set_to_none=True)
@@ -57,11 +58,21 @@ class DistillationCallback(TrainerCallback):
         )
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        # The Distiller is not inside the DDP-wrapped model: average its gradients across ranks ourselves. One
-        # collective over every trainable parameter (zeros where a rank has no gradient, e.g. it skipped the
-        # transfer terms), so every rank issues the same collectives.
+        self.average_gradients()
+
+    def average_gradients(self) -> None:
+        """Average the Distiller's gradients across DDP ranks, once per optimizer step.
+
+        The Distiller is not inside the DDP-wrapped model, so DDP does not do it. One collective over every
+        trainable parameter (zeros where a rank has no gradient, e.g. it skipped the transfer terms), so every
+        rank issues the same collectives. The trainer mixin calls it before gradient clipping (so that every rank
+        clips the same joint norm); the call from ``on_pre_optimizer_step`` is then a no-op.
+        """
         import torch.distributed as dist
 
+        if self._averaged:
+            return
+        self._averaged = True
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return
         params = [p for p in self.distiller.parameters() if p.requires_grad]
@@ -79,6 +90,7 @@ class DistillationCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         # Trainer zeroes only the model's gradients after the optimizer step; the Distiller's are ours to clear.
         self.distiller.zero_grad(set_to_none=True)
+        self._averaged = False
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:

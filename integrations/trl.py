@@ -160,6 +160,28 @@ class KDTrainerMixin:
         optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
         optimizer._kd_group_added = True
 
+    def _clip_grad_norm(self, model):
+        """Clip the joint gradient of the student and the Distiller (projectors, learned temperatures, scheduler
+        parameters) to ``max_grad_norm``: the Distiller is outside the wrapped model, so the Trainer's own clip
+        would leave it out. Returns the joint pre-clip norm (logged as ``grad_norm``). The Distiller's gradients
+        are averaged across ranks first, so every rank clips with the same norm. FSDP, DeepSpeed, XLA and
+        mixed-mesh models keep the Trainer's clip (the Distiller is not clipped there)."""
+        params = [p for p in self.distiller.parameters() if p.requires_grad]
+        if not params or not self._kd_can_clip_jointly(model):
+            return super()._clip_grad_norm(model)
+        self.kd_callback.average_gradients()
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *params], self.args.max_grad_norm)
+
+    def _kd_can_clip_jointly(self, model) -> bool:
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA):
+            return False
+        if getattr(self, "optimizer", None) is not None and hasattr(self.optimizer, "clip_master_grads"):
+            return False  # SageMaker model parallel clips its master gradients itself
+        has_mixed_mesh = getattr(self, "_has_mixed_mesh_grads", None)
+        return not (has_mixed_mesh is not None and has_mixed_mesh(model))
+
     # --- checkpoints --------------------------------------------------------------------------------------
 
     kd_resume_requires_state = True  # refuse to resume from a checkpoint without kd_state.safetensors

@@ -126,7 +126,7 @@ def main(argv=None) -> None:
     if args.no_distiller_sync:
         from kd_plugins.integrations.transformers import DistillationCallback
 
-        DistillationCallback.on_pre_optimizer_step = lambda self, *a, **k: None
+        DistillationCallback.average_gradients = lambda self: None
     student, teacher = tiny_llama(0), tiny_llama(1, hidden=48, layers=3)
     training_args = TrainingArguments(
         output_dir=args.out, max_steps=args.max_steps, per_device_train_batch_size=args.batch,

@@ -28,6 +28,7 @@ import pytest
 import torch
 from datasets import Dataset
 from torch.utils.data import SequentialSampler
+from transformers import TrainerCallback
 
 from kd_plugins.integrations.trl import KDSFTTrainer
 
@@ -62,14 +63,15 @@ def _texts():
     return texts
 
 
-def _one_sgd_step(tmp_path, texts, *, terms, batch, ga, ce_weight=1.0, scheduler="constant"):
+def _one_sgd_step(tmp_path, texts, *, terms, batch, ga, ce_weight=1.0, scheduler="constant", max_grad_norm=0.0,
+                  record_grads=False):
     torch.manual_seed(0)
     student = tiny_model("llama", seed=0)
     teacher = tiny_model("llama", seed=1, hidden=48, layers=3, heads=4, kv_heads=2)
     trainer = _InOrder(
         model=student,
         args=sft_args(tmp_path, max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
-                      optim="sgd", learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, logging_steps=1),
+                      optim="sgd", learning_rate=1.0, max_grad_norm=max_grad_norm, weight_decay=0.0, logging_steps=1),
         train_dataset=Dataset.from_dict({"text": texts}),
         processing_class=tiny_tokenizer(),
         teacher=teacher,
@@ -80,9 +82,14 @@ def _one_sgd_step(tmp_path, texts, *, terms, batch, ga, ce_weight=1.0, scheduler
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.2)
     before = _params(trainer)
+    if record_grads:
+        recorder = _RecordGrads(trainer)
+        trainer.add_callback(recorder)  # after DistillationCallback: sees the gradients the optimizer uses
     trainer.train()
     after = _params(trainer)
     log = next(e for e in trainer.state.log_history if "loss" in e)
+    if record_grads:
+        return {"grads": recorder.grads}, log
     return {k: before[k] - after[k] for k in before}, log
 
 
@@ -146,3 +153,41 @@ def test_learned_scheduler_weights_see_one_step_not_four(tmp_path):
     full, _ = _one_sgd_step(tmp_path / "full", texts, terms=terms, batch=8, ga=1, scheduler=scheduler)
     acc, _ = _one_sgd_step(tmp_path / "acc", texts, terms=terms, batch=2, ga=4, scheduler=scheduler)
     _assert_same(acc, full)
+
+
+def test_distiller_gradients_are_clipped_with_the_students(tmp_path):
+    """``max_grad_norm`` clips the joint gradient of the student and the Distiller (projectors): the gradients the
+    optimizer steps with have a combined norm of at most ``max_grad_norm``, every parameter (projectors included)
+    is scaled by the same factor, and the logged ``grad_norm`` is the joint pre-clip norm."""
+    texts = _texts()
+    terms = [ALIGNMENT_TERMS["mse"], LOGIT_TERMS[0]]
+    raw, _ = _one_sgd_step(tmp_path / "raw", texts, terms=terms, batch=4, ga=2, record_grads=True)
+    max_norm = 1e-3
+    clipped, log = _one_sgd_step(tmp_path / "clip", texts, terms=terms, batch=4, ga=2, max_grad_norm=max_norm,
+                                 record_grads=True)
+    raw, clipped = raw["grads"], clipped["grads"]
+    norm = _norm(raw.values())
+    assert _norm(v for k, v in raw.items() if k.startswith("distiller.")) > 10 * max_norm, (
+        "the projectors alone must exceed the bound for the test to mean anything")
+    assert log["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
+    assert float(_norm(clipped.values())) <= max_norm * (1 + 1e-5)
+    assert float(_norm(clipped.values())) == pytest.approx(max_norm, rel=1e-4)
+    scale = max_norm / float(norm)
+    for name in raw:
+        torch.testing.assert_close(clipped[name], raw[name] * scale, rtol=1e-4, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
+def _norm(tensors):
+    return torch.sqrt(sum(t.double().pow(2).sum() for t in tensors))
+
+
+class _RecordGrads(TrainerCallback):
+    """The gradients the optimizer is about to step with (after clipping), by parameter name."""
+
+    def __init__(self, trainer):
+        self.trainer, self.grads = trainer, {}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        named = [(f"student.{n}", p) for n, p in self.trainer.model.named_parameters()]
+        named += [(f"distiller.{n}", p) for n, p in self.trainer.distiller.named_parameters()]
+        self.grads = {n: p.grad.detach().clone() for n, p in named if p.grad is not None}
