@@ -226,7 +226,7 @@ _COLUMNS = [
     ("perplexity", "ppl", ".2f"),
     ("accuracy", "top-1 acc", ".1%"),
     ("agreement", "top-1 agree w/ teacher", ".1%"),
-    ("kl_teacher_student", "KL(t||s)", ".3f"),
+    ("kl_teacher_student", "KL(t‖s)", ".3f"),
     ("tokens_per_s", "gen tok/s", ".1f"),
     ("latency_s", "latency / prompt (s)", ".2f"),
 ]
