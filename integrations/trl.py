@@ -11,9 +11,16 @@ the teacher backbone runs on the same inputs under ``no_grad``; the :class:`~kd_
 
 Normalisation follows the host. When the host's loss is already scaled for gradient accumulation (the Trainer's
 ``loss_is_scaled_for_ga`` rule: the loss was divided by ``num_items_in_batch``), logit terms get the same
-``num_items_in_batch`` (and the same ``average_tokens_across_devices`` world factor) and per-micro-batch mean terms
-(alignment) are divided by the number of accumulation steps; otherwise every term is a per-micro-batch mean and
-the Trainer divides the total by the accumulation steps, as it does for its own loss.
+``num_items_in_batch`` (and the same ``average_tokens_across_devices`` world factor); token-mean alignment terms
+(``mse``, ``cosine``, ``attention_relation``) get ``num_tokens_in_batch``, the valid tokens of the whole
+accumulation window counted when the Trainer pre-fetches it (and over all ranks, with the world factor, when
+``average_tokens_across_devices``); other terms (``contrastive``) and the scheduler's regulariser are divided by the
+number of accumulation steps. Otherwise every term is a per-micro-batch mean and the Trainer divides the total by
+the accumulation steps, as it does for its own loss.
+
+Under DDP the Distiller gets a cross-rank mean as ``reduce`` (schedulers see rank-mean losses and probe gradients,
+also on a rank that skips the transfer terms), its gradients are averaged across ranks before clipping, and
+``max_grad_norm`` clips the student and the Distiller together.
 """
 
 from __future__ import annotations
@@ -130,6 +137,7 @@ class KDTrainerMixin:
             self._kd_cache_layers = req.teacher_layers
         self._kd_shared_params = _shared_params(student, self.kd_config.shared_params)
         self._kd_term_scale: dict[str, float] = {}
+        self._kd_num_tokens: tuple[Tensor | None, float] = (None, 1.0)  # set per optimizer step
         for label, term in self.distiller.terms.items():
             term.register_forward_hook(self._kd_scale_hook(label))
         self._kd_logs: dict[str, float] = defaultdict(float)
@@ -225,6 +233,7 @@ class KDTrainerMixin:
         ga = max(1, int(getattr(self, "current_gradient_accumulation_steps", None)
                         or self.args.gradient_accumulation_steps))
         world = self._kd_world_factor(num_items) if scaled_for_ga else 1
+        tokens, tokens_world = self._kd_num_tokens if scaled_for_ga else (None, 1.0)
         batch = BatchContext.from_inputs(
             labels=kd_inputs.get("labels"),
             input_ids=kd_inputs.get("input_ids"),
@@ -232,6 +241,7 @@ class KDTrainerMixin:
             position_ids=kd_inputs.get("position_ids"),
             num_items_in_batch=num_items if scaled_for_ga else None,
             step=self.state.global_step,
+            num_tokens_in_batch=tokens,
         )
         if not all_finite(teacher_capture):
             if self.kd_config.on_nonfinite_teacher == "raise":
@@ -248,7 +258,9 @@ class KDTrainerMixin:
             return result
 
         self._kd_term_scale = {
-            label: (world if _normalised_by_num_items(term) else 1.0 / ga) if scaled_for_ga else 1.0
+            label: (world if _normalised_by_num_items(term)
+                    else tokens_world if tokens is not None and _normalised_by_num_tokens(term)
+                    else 1.0 / ga) if scaled_for_ga else 1.0
             for label, term in self.distiller.terms.items()
         }
         try:
@@ -284,6 +296,34 @@ class KDTrainerMixin:
     def _kd_model_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """The causal-LM batch both models see (overridden for trainers with another batch layout)."""
         return dict(inputs)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        # The Trainer pre-fetches the micro-batches of one optimizer step to count num_items_in_batch; count the
+        # valid tokens too, the normaliser of token-mean alignment terms (BatchContext.num_tokens_in_batch).
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._kd_num_tokens = self._kd_count_tokens(batch_samples, device)
+        return batch_samples, num_items_in_batch
+
+    def _kd_count_tokens(self, batch_samples: list, device) -> tuple[Tensor | None, float]:
+        """``(valid tokens over the accumulation window, world factor)``: attention-mask tokens (every token
+        without a mask) of all micro-batches, summed over ranks when ``average_tokens_across_devices`` -- then the
+        world factor undoes DDP's gradient averaging, as for logit terms. ``(None, 1.0)`` when not countable."""
+        counts = []
+        for batch in batch_samples:
+            if not isinstance(batch, Mapping):
+                return None, 1.0
+            mask = batch.get("attention_mask")
+            reference = mask if mask is not None else batch.get("input_ids")
+            if not isinstance(reference, Tensor):
+                return None, 1.0
+            counts.append(mask.sum() if mask is not None else torch.tensor(reference.numel()))
+        if not counts:
+            return None, 1.0
+        count = torch.stack([c.to(device) for c in counts]).sum()
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            return self.accelerator.gather(count).sum() / tp, float(self.accelerator.num_processes // tp)
+        return count, 1.0
 
     def _kd_num_items(self, inputs: Mapping[str, Any], num_items_in_batch):
         return num_items_in_batch
@@ -381,6 +421,9 @@ if _TRLDistillationTrainer is not None:
         def _kd_world_factor(self, num_items_in_batch) -> float:
             return 1.0  # the host already divides its count by the process count
 
+        def _kd_count_tokens(self, batch_samples: list, device) -> tuple[Tensor | None, float]:
+            return None, 1.0  # completions are generated after pre-fetching: alignment terms stay micro-batch means
+
 else:  # pragma: no cover
     KDDistillationTrainer = None  # type: ignore[assignment,misc]
 
@@ -416,6 +459,12 @@ def _normalised_by_num_items(term: nn.Module) -> bool:
     """Logit terms divide token sums by ``num_items_in_batch``; other terms are per-micro-batch means.
     A term can say otherwise with a ``normalized_by_num_items`` attribute."""
     return bool(getattr(term, "normalized_by_num_items", getattr(term, "family", "") == "logit"))
+
+
+def _normalised_by_num_tokens(term: nn.Module) -> bool:
+    """Token-mean alignment terms (``normalized_by_num_tokens = True``) can divide by the accumulation window's
+    token count (``BatchContext.num_tokens_in_batch``); other non-logit terms stay per-micro-batch means."""
+    return bool(getattr(term, "normalized_by_num_tokens", False))
 
 
 def _shared_params(student: nn.Module, spec: str) -> list[Tensor]:

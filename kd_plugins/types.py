@@ -122,6 +122,11 @@ class BatchContext:
         num_items_in_batch: normaliser for logit terms (the host trainer's count of target tokens over the
             whole gradient-accumulation step and all ranks), or None to use this batch's count.
         step: the optimisation step.
+        num_tokens_in_batch: normaliser for token-mean alignment terms (``mse``, ``cosine``,
+            ``attention_relation``; terms with ``normalized_by_num_tokens = True``): the count of valid
+            (``token_mask``) tokens over the whole gradient-accumulation step (and all ranks when the host averages
+            tokens across devices), so they weigh every token alike however the batch is split. None: this
+            batch's own count (a per-micro-batch mean).
     """
 
     labels: Tensor
@@ -130,6 +135,7 @@ class BatchContext:
     num_items_in_batch: Tensor | int | None = None
     step: int = 0
     ignore_index: int = -100
+    num_tokens_in_batch: Tensor | int | None = None
 
     @classmethod
     def from_inputs(
@@ -142,6 +148,7 @@ class BatchContext:
         num_items_in_batch: Tensor | int | None = None,
         step: int = 0,
         ignore_index: int = -100,
+        num_tokens_in_batch: Tensor | int | None = None,
     ) -> "BatchContext":
         """Build from a Hugging Face causal-LM batch (HF label convention: unshifted).
 
@@ -178,6 +185,7 @@ class BatchContext:
             num_items_in_batch=num_items_in_batch,
             step=step,
             ignore_index=ignore_index,
+            num_tokens_in_batch=num_tokens_in_batch,
         )
 
 

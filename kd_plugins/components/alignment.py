@@ -91,7 +91,9 @@ class ContrastiveAlignmentLoss(_PairedFeatureTerm):
 
     Per layer pair, a student projector ``Hs -> proj_dim`` and a teacher projector ``Ht -> proj_dim`` (both
     trainable, as in CRD) feed :func:`kd_plugins.functional.contrastive`; the loss is averaged over pairs.
-    Valid tokens come from ``batch.token_mask``.
+    Valid tokens come from ``batch.token_mask``. Always a mean over this micro-batch (``batch.num_tokens_in_batch``
+    is ignored): the negatives of each anchor are the other tokens of the same micro-batch, so the loss is not a
+    sum of per-token values that could be renormalised over an accumulation step.
 
     Args:
         layer_pairs: resolved ``(student_layer, teacher_layer)`` pairs.
@@ -160,7 +162,13 @@ class ContrastiveAlignmentLoss(_PairedFeatureTerm):
 
 
 class _RegressionAlignmentLoss(_PairedFeatureTerm):
-    """A student projector ``Hs -> Ht`` per pair; teacher features are used as they are."""
+    """A student projector ``Hs -> Ht`` per pair; teacher features are used as they are.
+
+    A token mean: divided by ``batch.num_tokens_in_batch`` when the host gives it (the valid tokens of the whole
+    accumulation step), else by this batch's valid tokens.
+    """
+
+    normalized_by_num_tokens = True
 
     def __init__(self, layer_pairs: Sequence[tuple[int, int]], student_dim: int, teacher_dim: int, *, projector="linear"):
         super().__init__(layer_pairs)
@@ -170,11 +178,12 @@ class _RegressionAlignmentLoss(_PairedFeatureTerm):
         losses = []
         for pair, projector in zip(self.layer_pairs, self.projectors):
             hs, ht = self._features(student, teacher, pair)
-            losses.append(self._loss(_project(projector, hs), ht, batch.token_mask.to(hs.device)))
+            losses.append(self._loss(_project(projector, hs), ht, batch.token_mask.to(hs.device),
+                                     num_tokens_in_batch=batch.num_tokens_in_batch))
         return torch.stack(losses).mean()
 
     @staticmethod
-    def _loss(student_feats: Tensor, teacher_feats: Tensor, mask: Tensor) -> Tensor:
+    def _loss(student_feats: Tensor, teacher_feats: Tensor, mask: Tensor, *, num_tokens_in_batch=None) -> Tensor:
         raise NotImplementedError
 
 
@@ -210,9 +219,12 @@ class AttentionRelationLoss(DistillationTerm):
         student_layer, teacher_layer: resolved layer indices.
         relation_heads: ``R``, dividing every selected q/k/v width of both models.
         relations: subset of ``("q", "k", "v")``.
+
+    A mean over valid query rows: divided by ``batch.num_tokens_in_batch`` when the host gives it.
     """
 
     family = "alignment"
+    normalized_by_num_tokens = True
 
     def __init__(
         self, student_layer: int, teacher_layer: int, relation_heads: int, relations: Sequence[str] = RELATION_TYPES
@@ -235,6 +247,7 @@ class AttentionRelationLoss(DistillationTerm):
             relation_heads=self.relation_heads,
             sequence_ids=batch.sequence_ids,
             relations=self.relations,
+            num_tokens_in_batch=batch.num_tokens_in_batch,
         )
 
 

@@ -91,30 +91,42 @@ def contrastive(
     return loss
 
 
-def hidden_mse(student_feats: Tensor, teacher_feats: Tensor, mask: Tensor) -> Tensor:
+def hidden_mse(
+    student_feats: Tensor, teacher_feats: Tensor, mask: Tensor, *, num_tokens_in_batch: Tensor | int | None = None
+) -> Tensor:
     """Mean over valid tokens of the mean-over-features squared error.
 
     Args:
         student_feats, teacher_feats: ``(B, T, D)`` (the student already projected to the teacher's width).
         mask: ``(B, T)`` bool, True for valid tokens.
+        num_tokens_in_batch: divide the token sum by this count (e.g. the valid tokens of a whole
+            gradient-accumulation step) instead of this batch's count.
     """
     _check_features(student_feats, teacher_feats, mask, same_width=True, name="hidden_mse")
     s, t = _masked_inputs(student_feats, teacher_feats, mask)
     per_token = (s - t).pow(2).mean(dim=-1)
-    return normalize_token_sum(per_token, mask)
+    return normalize_token_sum(per_token, mask, num_tokens_in_batch)
 
 
-def hidden_cosine(student_feats: Tensor, teacher_feats: Tensor, mask: Tensor, *, eps: float = 1e-8) -> Tensor:
+def hidden_cosine(
+    student_feats: Tensor,
+    teacher_feats: Tensor,
+    mask: Tensor,
+    *,
+    eps: float = 1e-8,
+    num_tokens_in_batch: Tensor | int | None = None,
+) -> Tensor:
     """Mean over valid tokens of ``1 - cos(student, teacher)``.
 
     Args:
         student_feats, teacher_feats: ``(B, T, D)`` (the student already projected to the teacher's width).
         mask: ``(B, T)`` bool, True for valid tokens.
+        num_tokens_in_batch: as for :func:`hidden_mse`.
     """
     _check_features(student_feats, teacher_feats, mask, same_width=True, name="hidden_cosine")
     s, t = _masked_inputs(student_feats, teacher_feats, mask)
     cos = (F.normalize(s, dim=-1, eps=eps) * F.normalize(t, dim=-1, eps=eps)).sum(dim=-1)
-    return normalize_token_sum(1.0 - cos, mask)
+    return normalize_token_sum(1.0 - cos, mask, num_tokens_in_batch)
 
 
 def attention_relation(
@@ -124,6 +136,7 @@ def attention_relation(
     relation_heads: int,
     sequence_ids: Tensor | None = None,
     relations: Sequence[str] = RELATION_TYPES,
+    num_tokens_in_batch: Tensor | int | None = None,
 ) -> Tensor:
     """MiniLMv2 self-attention relation distillation from q/k/v projection outputs.
 
@@ -143,6 +156,8 @@ def attention_relation(
         sequence_ids: ``(B, T)`` long packed-sequence ids, ``-1`` on padding. None: every token is valid and
             each row is one sequence.
         relations: which of ``"q"``, ``"k"``, ``"v"`` to use.
+        num_tokens_in_batch: divide the sum over valid query rows by this count (e.g. the valid tokens of a whole
+            gradient-accumulation step) instead of this batch's count.
 
     Returns:
         0-dim loss; exactly 0 when no token is valid, and 0 when student and teacher relations coincide.
@@ -192,7 +207,7 @@ def attention_relation(
         log_t = _relation_log_probs(teacher_x, relation_heads, allowed)
         kl = torch.where(allowed, log_t.exp() * (log_t - log_s), torch.zeros((), dtype=dtype, device=device))
         per_row = kl.sum(dim=-1).mean(dim=1)  # (B, Tq): summed over keys, averaged over relation heads
-        term = normalize_token_sum(per_row, valid)
+        term = normalize_token_sum(per_row, valid, num_tokens_in_batch)
         total = term if total is None else total + term
     return total / len(relations)
 

@@ -11,14 +11,13 @@ What is equivalent, and what is not:
 * Logit terms (``forward_kl``, ``reverse_kl``, ``generalized_jsd``, ``dkd``) are token sums divided by the
   host's ``num_items_in_batch`` (the target-token count of the whole accumulation step), exactly like the host's
   CE: ``GA=4 x 2 == GA=1 x 8`` for the total loss and for every gradient.
-* Alignment terms (``mse``, ``cosine``, ``attention_relation``, ``contrastive``) are *per-micro-batch means*,
-  divided by the accumulation steps: the step's gradient is the mean over micro-batches of each micro-batch's
-  mean-loss gradient. That is tested exactly (against four separate one-micro-batch steps). It equals the
-  ``GA=1 x 8`` gradient only when every micro-batch holds the same number of valid tokens (see
-  ``test_trl.py::test_gradient_accumulation_matches_full_batch``); with unequal counts tokens of short
-  micro-batches weigh more -- the strict xfail below records that gap.
-* ``contrastive`` can never match ``GA=1 x 8``: its negatives are the other tokens *of the same micro-batch*,
-  so the loss itself depends on how the batch is split. Only the per-micro-batch normalisation is testable.
+* Token-mean alignment terms (``mse``, ``cosine``, ``attention_relation``) divide their token sums by the
+  valid-token count of the whole accumulation step (``BatchContext.num_tokens_in_batch``, counted by the mixin
+  from the pre-fetched micro-batches): ``GA=4 x 2 == GA=1 x 8`` even though the micro-batches hold different
+  numbers of tokens, and the step equals the token-count-weighted mean of four one-micro-batch steps.
+* ``contrastive`` stays a *per-micro-batch mean*, divided by the accumulation steps: the step's gradient is the
+  mean over micro-batches of each micro-batch's gradient (tested exactly). It can never match ``GA=1 x 8``: its
+  negatives are the other tokens *of the same micro-batch*, so the loss itself depends on how the batch is split.
 """
 
 from __future__ import annotations
@@ -88,6 +87,7 @@ def _one_sgd_step(tmp_path, texts, *, terms, batch, ga, ce_weight=1.0, scheduler
     trainer.train()
     after = _params(trainer)
     log = next(e for e in trainer.state.log_history if "loss" in e)
+    log["row_tokens"] = [len(ids) for ids in trainer.train_dataset["input_ids"]]  # no padding in the dataset
     if record_grads:
         return {"grads": recorder.grads}, log
     return {k: before[k] - after[k] for k in before}, log
@@ -117,7 +117,7 @@ def test_logit_terms_ga4x2_equals_ga1x8(tmp_path):
         assert acc_log[key] == pytest.approx(full_log[key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("term", sorted(ALIGNMENT_TERMS))
+@pytest.mark.parametrize("term", ["contrastive"])
 def test_alignment_terms_are_per_micro_batch_means_under_ga(tmp_path, term):
     """GA=4 x 2 == the mean of four single-micro-batch steps (pure transfer, ce_weight=0)."""
     texts = _texts()
@@ -131,10 +131,28 @@ def test_alignment_terms_are_per_micro_batch_means_under_ga(tmp_path, term):
     assert acc_log[f"kd/loss/{term}"] == pytest.approx(logged, rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="alignment terms are per-micro-batch means: with unequal token counts per "
-                                       "micro-batch GA=4x2 weighs tokens differently from GA=1x8 (see docs/scale.md)")
-@pytest.mark.parametrize("term", ["mse"])
+@pytest.mark.parametrize("term", ["attention_relation", "cosine", "mse"])
+def test_token_mean_alignment_terms_weigh_micro_batches_by_tokens_under_ga(tmp_path, term):
+    """GA=4 x 2 == the mean of four single-micro-batch steps weighted by each micro-batch's share of the valid
+    tokens (pure transfer, ce_weight=0): every token weighs the same."""
+    texts = _texts()
+    terms = [ALIGNMENT_TERMS[term]]
+    acc, acc_log = _one_sgd_step(tmp_path / "acc", texts, terms=terms, batch=2, ga=4, ce_weight=0.0)
+    parts = [_one_sgd_step(tmp_path / f"part{k}", texts[2 * k: 2 * k + 2], terms=terms, batch=2, ga=1,
+                           ce_weight=0.0) for k in range(4)]
+    tokens = [sum(p[1]["row_tokens"]) for p in parts]
+    assert len(set(tokens)) > 1, tokens
+    share = [n / sum(tokens) for n in tokens]
+    weighted = {name: sum(w * p[0][name] for w, p in zip(share, parts)) for name in acc}
+    _assert_same(acc, weighted)
+    logged = sum(w * p[1][f"kd/loss/{term}"] for w, p in zip(share, parts))
+    assert acc_log[f"kd/loss/{term}"] == pytest.approx(logged, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("term", ["mse", "cosine", "attention_relation"])
 def test_alignment_terms_ga4x2_equals_ga1x8_with_unequal_lengths(tmp_path, term):
+    """Token-mean alignment terms divide their token sums by the valid-token count of the whole accumulation
+    window (``BatchContext.num_tokens_in_batch``), so tokens weigh the same however the batch is split."""
     texts = _texts()
     terms = [ALIGNMENT_TERMS[term]]
     full, _ = _one_sgd_step(tmp_path / "full", texts, terms=terms, batch=8, ga=1, ce_weight=0.0)
