@@ -117,6 +117,7 @@ def main(argv=None) -> None:
                         help="negative control: disable the integration's cross-rank averaging of Distiller grads")
     parser.add_argument("--nan-teacher-rank", type=int, default=-1,
                         help="make the teacher non-finite on this rank only (with on_nonfinite_teacher: skip)")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="0: no clipping")
     parser.add_argument("--ddp-timeout", type=int, default=1800)
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep after each step")
@@ -133,7 +134,7 @@ def main(argv=None) -> None:
         gradient_accumulation_steps=args.ga, learning_rate=5e-3, lr_scheduler_type="constant", optim="adamw_torch",
         logging_steps=1, report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-        disable_tqdm=True, max_grad_norm=1.0, ddp_timeout=args.ddp_timeout, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        disable_tqdm=True, max_grad_norm=args.max_grad_norm, ddp_timeout=args.ddp_timeout, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
     config = kd_config(args.scheduler, not args.no_contrastive)
     if args.nan_teacher_rank == training_args.process_index:
