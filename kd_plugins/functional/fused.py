@@ -208,7 +208,7 @@ class _FusedLinearKD(torch.autograd.Function):
         device = hidden_s.device
         losses = torch.empty(n, dtype=acc, device=device)
         grad_h = torch.empty_like(hidden_s) if need_h else None
-        grad_w = torch.zeros(weight_s.shape, dtype=acc, device=device) if need_w else None
+        grad_w = torch.empty(weight_s.shape, dtype=acc, device=device) if need_w else None  # first chunk writes it
         grad_b = torch.zeros(bias_s.shape, dtype=acc, device=device) if need_b else None
 
         chunk_size, block_rows = plan.chunk_size, plan.block_rows
@@ -237,7 +237,9 @@ class _FusedLinearKD(torch.autograd.Function):
             if need_h:
                 torch.mm(grad_raw_c, weight_s, out=grad_h[start:stop])
             if need_w:
-                if h.dtype == acc:
+                if start == 0:
+                    torch.mm(grad_raw.t(), h.to(acc), out=grad_w)
+                elif h.dtype == acc:
                     grad_w.addmm_(grad_raw.t(), h)
                 else:
                     grad_w += torch.mm(grad_raw_c.t(), h)
@@ -245,6 +247,8 @@ class _FusedLinearKD(torch.autograd.Function):
                 grad_b += grad_raw.sum(0)
             del grad_raw, grad_raw_c
 
+        if grad_w is not None and n == 0:
+            grad_w.zero_()
         ctx.grads = (
             grad_h,
             None if grad_w is None else grad_w.to(weight_s.dtype),
