@@ -285,13 +285,16 @@ def run(
         clock.say(f"skip {row} seed {seed}: already in {runs_path.name} (same setup)")
 
     # teacher reference: evaluated once (deterministic), parameters + generation speed once per invocation
+    timings: dict[str, dict[str, float]] = {}
     clock.say("teacher on the held-out blocks")
-    teacher_eval = evaluate_lm(teacher, heldout_blocks)
+    with _timed(timings, "teacher_eval"):
+        teacher_eval = evaluate_lm(teacher, heldout_blocks)
     params = {"teacher": count_parameters(teacher), "student": count_parameters(base_student)}
     clock.say("generation speed, teacher and student interleaved")
     prompts = [tokenizer.decode(b[:24]) for b in token_blocks(heldout_docs, tokenizer, 64)[: args.gen_prompts]]
-    speed = compare_generation_speed({"teacher": teacher, "student": base_student}, tokenizer, prompts,
-                                     max_new_tokens=args.gen_tokens)
+    with _timed(timings, "generation_speed"):
+        speed = compare_generation_speed({"teacher": teacher, "student": base_student}, tokenizer, prompts,
+                                         max_new_tokens=args.gen_tokens)
     speedup = speed["student"]["tokens_per_s"] / speed["teacher"]["tokens_per_s"]
     clock.say(f"student {speed['student']['tokens_per_s']:.1f} tok/s vs teacher {speed['teacher']['tokens_per_s']:.1f} "
               f"tok/s ({speedup:.2f}x)")
@@ -303,7 +306,8 @@ def run(
                    and args.teacher_source == "cache" and not needs_live_teacher(resolved[row])]
     if cached_rows:
         layers = sorted(set().union(*(_teacher_layers(resolved[r], base_student, teacher) for r in cached_rows)))
-        cache = _get_cache(teacher, tokenizer, train_blocks, work_dir, args.k, layers, clock)
+        with _timed(timings, "teacher_cache"):
+            cache = _get_cache(teacher, tokenizer, train_blocks, work_dir, args.k, layers, clock)
 
     budget = _Budget(clock, todo, args, rows, resolved)
     for row, seed in todo:
@@ -317,19 +321,22 @@ def run(
         student = copy.deepcopy(base_student)
         student.load_state_dict(base_state)
         record = {"row": row, "seed": seed, "signature": signature, "teacher_source": source, "kd_config": kd}
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         if kd is not None:
             train = _train(student, kd, teacher if source == "live" else cache, tokenizer, lm_dataset(train_blocks),
                            args, seed, work_dir / f"{row}-seed{seed}", budget)
             record.update(train)
         else:
-            record.update({"steps": 0, "train_seconds": 0.0, "seconds_per_step": None, "complete": True})
-        eval_start = time.perf_counter()
+            record.update({"steps": 0, "train_seconds": 0.0, "seconds_per_step": None, "cpu_seconds_per_step": None,
+                       "complete": True})
+        eval_start, eval_cpu = time.perf_counter(), time.process_time()
         metrics = evaluate_lm(student, heldout_blocks, teacher=teacher)
         record["eval_seconds"] = time.perf_counter() - eval_start
+        record["eval_cpu_seconds"] = time.process_time() - eval_cpu
         record["metrics"] = {k: v for k, v in metrics.items() if not k.startswith("teacher_")}
         record["retention"] = _retention(record["metrics"], teacher_eval)
         record["wall_seconds"] = time.perf_counter() - started
+        record["cpu_seconds"] = time.process_time() - started_cpu
         record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         records = [r for r in _load_records(runs_path)
                    if not (r["row"] == row and r["seed"] == seed and r.get("signature") == signature)]
@@ -344,6 +351,7 @@ def run(
 
     summary = _summarise(args, rows, _load_records(runs_path), signature, teacher_eval, params, speed, kept,
                          teacher_desc, data_desc, len(train_blocks), len(heldout_blocks), cache, clock)
+    summary["setup_timings"] = timings  # wall and process-CPU seconds of this invocation's one-off stages
     _write_json(out_dir / "ablation.json", summary)
     (out_dir / "ablation.md").write_text(_markdown(summary))
     summary["plots"] = _plots(summary, work_dir, out_dir)
@@ -395,6 +403,7 @@ def _train(student, kd: dict, teacher, tokenizer, dataset, args, seed: int, run_
     history = [h for h in trainer.state.log_history if "step" in h]
     student.eval()
     return {"steps": steps, "train_seconds": seconds, "seconds_per_step": budget.last_step_time,
+            "cpu_seconds_per_step": budget.last_step_cpu,
             "complete": steps >= args.steps, "log_history": history}
 
 
@@ -407,6 +416,7 @@ class _Budget:
         self.step_time: dict[str, float] = {}  # row -> measured s/step
         self.eval_seconds: float | None = None
         self.last_step_time: float | None = None
+        self.last_step_cpu: float | None = None  # process CPU seconds per step: ~ idle wall time at 1 thread
 
     def _estimate_step(self, row: str) -> float | None:
         if row in self.step_time:
@@ -450,12 +460,15 @@ class _Budget:
         class BudgetCallback(TrainerCallback):
             def __init__(self):
                 self.marks: list[float] = []
+                self.cpu_marks: list[float] = []
 
             def on_step_end(self, args, state, control, **kwargs):
                 self.marks.append(time.perf_counter())
+                self.cpu_marks.append(time.process_time())
                 probe = budget.args.probe_steps
                 if len(self.marks) >= 2:  # mean over the steps after the first (it includes warm-up costs)
                     budget.last_step_time = (self.marks[-1] - self.marks[0]) / (len(self.marks) - 1)
+                    budget.last_step_cpu = (self.cpu_marks[-1] - self.cpu_marks[0]) / (len(self.cpu_marks) - 1)
                 if len(self.marks) == probe + 1 or (probe == 0 and len(self.marks) == 2):
                     row = budget.todo[budget.index][0]
                     budget.step_time[row] = budget.last_step_time
@@ -463,7 +476,8 @@ class _Budget:
                     where = f"{budget.index + 1}/{len(budget.todo)}"
                     text = (f"projected for the {len(budget.todo) - budget.index} runs left (incl. this one): "
                             f"{left / 60:.1f} min" if left is not None else "projection pending")
-                    budget.clock.say(f"  measured {budget.last_step_time:.2f} s/step (run {where}); {text}; "
+                    budget.clock.say(f"  measured {budget.last_step_time:.2f} s/step wall, {budget.last_step_cpu:.2f} s/step "
+                                     f"CPU (run {where}); {text}; "
                                      f"elapsed {budget.clock.elapsed() / 60:.1f} min")
                 if state.global_step % max(1, state.max_steps // 5) == 0:
                     loss = next((h.get("loss") for h in reversed(state.log_history) if "loss" in h), None)
@@ -562,6 +576,9 @@ def _summarise(args, rows, records, signature, teacher_eval, params, speed, kept
             "seeds": sorted(r["seed"] for r in runs),
             "teacher_source": sorted({r["teacher_source"] for r in runs}),
             "seconds_per_step": _mean([r["seconds_per_step"] for r in runs if r.get("seconds_per_step")]),
+            "cpu_seconds_per_step": _mean([r.get("cpu_seconds_per_step") for r in runs]),
+            "cpu_seconds": _mean([r.get("cpu_seconds") for r in runs]),
+            "eval_cpu_seconds": _mean([r.get("eval_cpu_seconds") for r in runs]),
             **{k: {"mean": _mean(v), "std": _std(v), "values": v} for k, v in values.items()},
         }
     missing = [(row, s) for row in args.rows for s in args.seeds
@@ -717,6 +734,21 @@ def _signature(args, kept, train_blocks, heldout_blocks, teacher_desc) -> str:
         "heldout": dataset_fingerprint(heldout_blocks), "rows": ROWS_YAML,
     }, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class _timed:
+    """``with _timed(store, name):`` records ``{"wall_seconds", "cpu_seconds"}`` of the block in ``store[name]``."""
+
+    def __init__(self, store: dict, name: str):
+        self.store, self.name = store, name
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def __exit__(self, *exc):
+        self.store[self.name] = {"wall_seconds": time.perf_counter() - self.wall,
+                                 "cpu_seconds": time.process_time() - self.cpu}
+        return False
 
 
 def _load_records(path: Path) -> list[dict]:
