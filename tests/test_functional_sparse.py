@@ -190,3 +190,15 @@ def test_sparse_bad_inputs():
                             "topk_logprobs": inputs["topk_logprobs"][:2]})
     with pytest.raises(ValueError, match="unknown loss"):
         sparse_linear_kd(**inputs, loss="kl")
+
+
+def test_sparse_dkd_with_an_empty_tail_after_the_split_target_is_finite():
+    # k = V - 1 and targets outside the top-k: the tail bucket R \ {t} is empty
+    inputs = make_sparse_inputs(vocab=9, k=8)
+    missing = (torch.arange(9).expand(*inputs["topk_indices"].shape[:-1], 9).unsqueeze(-1)
+               != inputs["topk_indices"].long().unsqueeze(-2)).all(-1).float().argmax(-1)
+    inputs["labels"] = torch.where(inputs["labels"] != -100, missing, inputs["labels"])
+    out = sparse_linear_kd(**inputs, loss="dkd", loss_kwargs=LOSSES["dkd"], chunk_size=4)
+    grads = torch.autograd.grad(out, _params(inputs))
+    assert torch.isfinite(out) and all(torch.isfinite(g).all() for g in grads)
+    assert out.item() == pytest.approx(naive_sparse("dkd", inputs, **LOSSES["dkd"]), rel=1e-4, abs=1e-6)

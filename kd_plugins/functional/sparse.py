@@ -196,7 +196,9 @@ def _sparse_block(student, teacher_rows, targets, scratch, *, need_grad, loss, o
         per = _bucket_loss(leaf, teacher, target_col, loss, options) * temperature**2
         (g,) = torch.autograd.grad(per.sum(), leaf)
     if has_tail:  # tail part: g_R * softmax over the tail (exp(-inf) = 0 outside it)
-        z.sub_(lse_tail.unsqueeze(-1)).exp_().mul_(g[:, -1:])
+        # an empty tail (DKD with k = V - 1 and the target split out) has lse = -inf: subtract 0 there instead
+        shift = torch.where(torch.isfinite(lse_tail), lse_tail, torch.zeros_like(lse_tail))
+        z.sub_(shift.unsqueeze(-1)).exp_().mul_(g[:, -1:])
     else:
         z.zero_()
     k = idx.shape[-1]
