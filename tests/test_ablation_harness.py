@@ -133,3 +133,9 @@ def test_quick_run_writes_outputs_and_resumes(tmp_path, capsys):
     assert summary["rows"]["untrained"]["teacher_source"] == ["-"] == summary["rows"]["ce"]["teacher_source"]
     assert next(r for r in after if r["row"] == "untrained")["steps"] == 0
     assert next(r for r in after if r["row"] == "ce")["steps"] == 3
+
+    # re-render only (no model): the same rows come back from the JSON files
+    (out / "ablation.md").unlink()
+    again = ablation.report_only(out, tmp_path / "work")
+    assert list(again["rows"]) == list(summary["rows"]) and (out / "ablation.md").is_file()
+    assert again["rows"]["full"]["accuracy"] == summary["rows"]["full"]["accuracy"]
