@@ -23,6 +23,7 @@ _DELEGATED = {
     "sft": ("kd_plugins.integrations.sft_cli", "TRL's `trl sft` with distillation (all trl sft arguments + KD)"),
     "demo": ("kd_plugins.integrations.demo", "the SmolLM2 distillation demo"),
     "cache-teacher": ("kd_plugins.integrations.teacher_cache", "run a teacher once and cache its top-k log-probs"),
+    "report": ("kd_plugins.report", "plot per-term KD losses and scheduler weights of a run"),
 }
 
 

@@ -68,3 +68,12 @@ def test_errors_name_what_is_missing(tmp_path, capsys):
         write_report(tmp_path)
     assert main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_console_script_dispatches_report(tmp_path):
+    from kd_plugins import cli
+
+    run = tmp_path / "run"
+    _write_state(run, _history())
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "cli_plots")]) == 0
+    assert (tmp_path / "cli_plots" / "kd_weights.png").exists()
