@@ -42,6 +42,10 @@ for everything still to do (printed); ``--max-minutes`` stops the harness: no ne
 end passes the cap, and a run in flight stops at the cap and is recorded as incomplete (not counted; a rerun
 redoes it).
 
+Measured cost (docs/results.md, "Ablation (issue 6)"): the defaults (8 rows x 3 seeds x 60 steps) project to
+~89 min at 1 thread on an idle core -- over the issue's 45 minutes; ``--seeds 0`` (~31 min) fits, and reruns
+with ``--seeds 0 1 2 --max-minutes 45`` complete the table over further sittings.
+
 Tests inject a tiny teacher and corpus through :func:`run` (``load_models`` and ``load_corpus`` parameters).
 """
 
