@@ -139,3 +139,13 @@ def test_quick_run_writes_outputs_and_resumes(tmp_path, capsys):
     again = ablation.report_only(out, tmp_path / "work")
     assert list(again["rows"]) == list(summary["rows"]) and (out / "ablation.md").is_file()
     assert again["rows"]["full"]["accuracy"] == summary["rows"]["full"]["accuracy"]
+
+
+def test_max_minutes_cap_starts_no_run_past_it(tmp_path, capsys):
+    ablation = _harness()
+    args = _args(ablation, tmp_path, ["fkl"])
+    args.max_minutes = 1e-6
+    summary = ablation.run(args, load_models=_models, load_corpus=_corpus)
+    assert summary["rows"] == {} and [tuple(m) for m in summary["missing_runs"]] == [("fkl", 0)]
+    assert "not starting fkl seed 0" in capsys.readouterr().out
+    assert "Missing" in (tmp_path / "out" / "ablation.md").read_text()
