@@ -31,6 +31,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from kd_plugins.capture import find_decoder
+
 STRATEGIES = ("uniform", "block_influence", "angular")
 
 __all__ = [
@@ -194,16 +196,15 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(state-dict prefix, ModuleList)`` of the decoder blocks, e.g. ``("model.layers", ...)``."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is not None and isinstance(getattr(decoder, "layers", None), nn.ModuleList):
-        target = decoder.layers
-    else:
-        target = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and (module is target or (target is None and name.endswith("layers"))):
-            return name, module
-    raise ValueError(f"{type(model).__name__} has no ModuleList of decoder blocks (looked for '<decoder>.layers')")
+    """``(state-dict prefix, ModuleList)`` of the decoder blocks, e.g. ``("model.layers", ...)``.
+
+    The backbone is located by :func:`kd_plugins.capture.find_decoder`, the same lookup the feature capture uses.
+    """
+    decoder, path = find_decoder(model)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no ModuleList of decoder blocks (looked for '{path}.layers')")
+    return f"{path}.layers", layers
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
