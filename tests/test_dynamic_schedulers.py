@@ -78,6 +78,57 @@ def test_gradnorm_lr_one_equalises_in_one_update_and_reuses_weights_between_upda
     assert seen[1][1] == seen[2][1] == w
 
 
+def test_gradnorm_anchor_keeps_its_weight_and_balances_the_rest_among_themselves():
+    # "logit" has a 100x larger gradient than the two auxiliaries (10x apart). Unanchored, GradNorm would push it
+    # down; anchored, it keeps 1.0 exactly, is never probed, and the auxiliaries share their base total 1.0.
+    shared = _shared()
+    scheduler = GradNormScheduler({"logit": 1.0, "a": 0.5, "b": 0.5}, every=1, lr=1.0, anchor="logit")
+    norm = float(shared.detach().norm())
+    for step in range(3):
+        losses = _quadratic_losses(shared, {"logit": 100.0, "a": 10.0, "b": 1.0})
+        weights, probe = _step(scheduler, step, losses, shared)
+        assert probe is not None
+        assert weights["logit"] == 1.0
+        assert weights["a"] + weights["b"] == pytest.approx(1.0)
+        assert weights["a"] * 10 == pytest.approx(weights["b"], rel=1e-6)  # lr=1: their G's are equal
+        assert "logit" not in probe._cache  # the anchor's gradient is never computed
+    assert scheduler.metrics()["grad_norm/a"] == pytest.approx(10 * norm, rel=1e-5)
+
+    plain = GradNormScheduler({"logit": 1.0, "a": 0.5, "b": 0.5}, every=1, lr=1.0)
+    weights, _ = _step(plain, 0, _quadratic_losses(shared, {"logit": 100.0, "a": 10.0, "b": 1.0}), shared)
+    assert weights["logit"] < 0.02  # what the anchor prevents
+
+
+def test_gradnorm_anchor_list_and_bad_anchor():
+    scheduler = GradNormScheduler({"x": 1.0, "y": 1.0, "z": 1.0}, anchor=["x", "y"])
+    assert scheduler.anchors == {"x", "y"}
+    with pytest.raises(ValueError, match=r"unknown term\(s\) \['nope'\].*'x', 'y', 'z'"):
+        GradNormScheduler({"x": 1.0, "y": 1.0, "z": 1.0}, anchor="nope")
+    with pytest.raises(ValueError, match="expected a term name or a list"):
+        GradNormScheduler({"x": 1.0}, anchor=3)
+
+
+def test_gradnorm_anchor_through_the_config(plugin_manager):
+    def build(anchor):
+        config = KDConfig(
+            terms=[{"name": "test_scaled_square", "label": "big", "scale": 100.0},
+                   {"name": "test_scaled_square", "label": "small", "scale": 1.0, "weight": 0.5}],
+            scheduler={"name": "gradnorm", "anchor": anchor},
+        )
+        return Distiller(config, student=INFO, teacher=INFO, plugin_manager=plugin_manager)
+
+    distiller = build("big")
+    assert distiller.scheduler.anchors == {"big"}
+    shared = nn.Parameter(torch.full((DIM,), 0.5))
+    hidden = torch.randn(2, 3, DIM) * shared
+    out = distiller(ModelCapture(info=INFO, hidden_states={0: hidden}),
+                    ModelCapture(info=INFO, hidden_states={0: torch.randn(2, 3, DIM)}),
+                    BatchContext.from_inputs(labels=torch.zeros(2, 3, dtype=torch.long), step=0), shared_params=[shared])
+    assert out.weights == {"big": 1.0, "small": 0.5}  # one balanced term keeps its own total
+    with pytest.raises(ValueError, match="unknown term"):
+        build("test_scaled_square")  # labels, not component names, identify terms
+
+
 def test_gradnorm_favours_the_term_that_trains_slower():
     shared = _shared()
     scheduler = GradNormScheduler({"fast": 1.0, "slow": 1.0}, every=1, alpha=1.5, lr=1.0)

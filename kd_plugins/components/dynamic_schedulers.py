@@ -216,11 +216,21 @@ class GradNormScheduler(AdaptiveScheduler):
     ``lr=0.5``. Terms whose gradient on the shared set is zero (they do not reach it) keep their weight.
     The task (CE) loss is not balanced: ``ce_weight`` stays fixed.
 
+    **Anchors.** Plain GradNorm equalises the terms' gradient norms, so a term with a naturally large gradient
+    -- in distillation the logit term, whose gradient on the last layer is typically 10-100x an alignment
+    term's -- is pushed down to ``min_weight`` and the auxiliary terms take over. ``anchor`` names terms that
+    keep their configured weight; GradNorm then balances only the other terms among themselves (their target
+    is the mean ``G`` of the balanced terms, and they share the total of *their* base weights). This is the
+    primary-plus-auxiliaries reading of GradNorm: the primary objective sets the scale, the scheduler decides
+    how the auxiliary budget is split over training.
+
     Args:
         base_weights: ``{term: weight}`` from the config; also the starting weights and their total.
         every: steps between updates (each costs one ``autograd.grad`` per term on the shared set).
         alpha: asymmetry ``alpha`` of the target; 0 equalises ``G_i``, larger values favour slow terms.
         lr: fraction (in log space) of the way to the minimiser taken per update, in ``(0, 1]``.
+        anchor: a term name or a list of term names whose weights stay at their base weights (not probed for
+            gradients, not balanced); ``None`` (default): every term is balanced.
         warmup_steps, min_weight, max_weight, ema: see :class:`AdaptiveScheduler`.
     """
 
@@ -237,10 +247,12 @@ class GradNormScheduler(AdaptiveScheduler):
         min_weight: float = 0.0,
         max_weight: float | None = None,
         ema: float = 0.0,
+        anchor: str | list[str] | None = None,
     ):
         super().__init__(
             base_weights, every=every, warmup_steps=warmup_steps, min_weight=min_weight, max_weight=max_weight, ema=ema
         )
+        self.anchors = _check_anchor(anchor, self.names)
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"alpha={alpha!r} is invalid; expected a finite number >= 0")
         if not (isinstance(lr, (int, float)) and 0 < lr <= 1):
@@ -258,16 +270,19 @@ class GradNormScheduler(AdaptiveScheduler):
     def propose(self, *, step: int, losses: Mapping[str, Tensor], gradients: GradientProbe | None) -> Tensor:
         self._observe(losses)
         mean_loss = self._close_period()
-        norms = _grad_norms(gradients, self.names, self.base_weights)
+        balanced = {k: (0.0 if k in self.anchors else w) for k, w in self.base_weights.items()}
+        norms = _grad_norms(gradients, self.names, balanced)
         weights = self.current.cpu()
         initial = self.initial_losses.cpu()
         unset = torch.isnan(initial) & torch.isfinite(mean_loss) & (mean_loss > 0)
         initial = torch.where(unset, mean_loss, initial)
         self.initial_losses.copy_(initial)
 
-        active = (self.base.cpu() > 0) & torch.isfinite(norms) & (norms > 0)
+        anchored = torch.tensor([k in self.anchors for k in self.names], dtype=torch.bool)
+        active = (self.base.cpu() > 0) & ~anchored & torch.isfinite(norms) & (norms > 0)
         self._adapted = active
-        unreached = [k for k, ok, b in zip(self.names, active.tolist(), self.base.tolist()) if b > 0 and not ok]
+        unreached = [k for k, ok, b, a in zip(self.names, active.tolist(), self.base.tolist(), anchored.tolist())
+                     if b > 0 and not ok and not a]
         if unreached and not self._warned_unreached:
             self._warned_unreached = True
             logger.warning(
@@ -552,6 +567,19 @@ def _grad_norms(gradients: GradientProbe, names: list[str], base_weights: Mappin
     """``||g_i||`` per term (float64, CPU); terms with base weight 0 are not probed and get 0."""
     zero = torch.zeros((), dtype=torch.float64)
     return torch.stack([gradients.norm(k).detach().double().cpu() if base_weights[k] > 0 else zero for k in names])
+
+
+def _check_anchor(anchor: str | list[str] | tuple[str, ...] | None, names: list[str]) -> frozenset[str]:
+    if anchor is None:
+        return frozenset()
+    anchors = [anchor] if isinstance(anchor, str) else anchor
+    if not isinstance(anchors, (list, tuple)) or not all(isinstance(a, str) for a in anchors):
+        raise ValueError(f"anchor={anchor!r} is invalid; expected a term name or a list of term names")
+    unknown = [a for a in anchors if a not in names]
+    if unknown:
+        raise ValueError(f"anchor={anchor!r} names unknown term(s) {unknown}; the terms are {names} "
+                         "(a term's name is its 'label' if it has one, else its 'name')")
+    return frozenset(anchors)
 
 
 def _check_bounds(min_weight: float, max_weight: float | None) -> None:
