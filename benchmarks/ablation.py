@@ -137,11 +137,30 @@ __all__ = ["ROWS_YAML", "build_parser", "load_rows", "main", "resolve_kd_config"
 # --- rows -----------------------------------------------------------------------------------------------------
 
 
-def load_rows() -> dict[str, dict]:
-    """The ablation rows, in table order: ``{name: {"description": str, "kd": dict | None}}``."""
+def load_rows(extra: Path | str | None = None) -> dict[str, dict]:
+    """The ablation rows, in table order: ``{name: {"description": str, "kd": dict | None}}``.
+
+    ``extra``: a YAML file of further rows in the same format (``--rows-file``), appended after the built-in ones;
+    a name that is already a row is an error (rename it: results are stored per row name).
+    """
     import yaml
 
-    return yaml.safe_load(ROWS_YAML)
+    rows = yaml.safe_load(ROWS_YAML)
+    if extra is None:
+        return rows
+    path = Path(extra)
+    if not path.is_file():
+        raise SystemExit(f"--rows-file {path}: no such file")
+    added = yaml.safe_load(path.read_text())
+    if not isinstance(added, dict) or not all(isinstance(v, dict) and "kd" in v for v in added.values()):
+        raise SystemExit(f"--rows-file {path}: expected a mapping name -> {{description: ..., kd: {{...}}}} "
+                         "like ROWS_YAML in benchmarks/ablation.py")
+    clash = sorted(set(added) & set(rows))
+    if clash:
+        raise SystemExit(f"--rows-file {path}: row name(s) {clash} already exist; give the new rows other names")
+    for name, row in added.items():
+        row.setdefault("description", name)
+    return {**rows, **added}
 
 
 def resolve_kd_config(kd: dict, kept: Sequence[int], teacher_layers: int, steps: int, warmup_ratio: float = 0.1):
@@ -171,7 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     rows = list(load_rows())
     p = argparse.ArgumentParser(prog="benchmarks/ablation.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", nargs="+", choices=rows, default=None, help=f"rows to run (default: all: {rows})")
+    p.add_argument("--rows", nargs="+", default=None,
+                   help=f"rows to run (default: all built-in rows: {rows}, then those of --rows-file)")
+    p.add_argument("--rows-file", type=Path, default=None,
+                   help="YAML file of further rows (same format as ROWS_YAML), e.g. candidate configs to compare")
+    p.add_argument("--eval-split", choices=("heldout", "validation"), default="heldout",
+                   help="heldout: the held-out documents (the reported results; default); validation: training-split "
+                        "blocks that no run trains on, for choosing configs without touching the held-out split "
+                        "(output defaults to docs/results/ablation-validation)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help=f"seeds (default {d['seeds']})")
     p.add_argument("--steps", type=int, default=None, help=f"optimizer steps per run (default {d['steps']})")
     p.add_argument("--quick", action="store_true",
@@ -206,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
 def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     d = DEFAULTS
     quick = QUICK if args.quick else {}
-    args.rows = args.rows or quick.get("rows") or list(load_rows())
+    available = load_rows(args.rows_file)
+    args.rows = args.rows or quick.get("rows") or list(available)
+    unknown = [r for r in args.rows if r not in available]
+    if unknown:
+        raise SystemExit(f"--rows: unknown row(s) {unknown}; the rows are {list(available)} (add rows with --rows-file)")
     args.seeds = args.seeds if args.seeds is not None else quick.get("seeds", d["seeds"])
     args.steps = args.steps if args.steps is not None else quick.get("steps", d["steps"])
     for key in ("eval_blocks", "gen_prompts", "gen_tokens"):
@@ -217,7 +247,8 @@ def finalize_args(args: argparse.Namespace) -> argparse.Namespace:
     elif args.train_blocks == 0:
         args.train_blocks = None  # all
     if args.out_dir is None:
-        args.out_dir = ROOT / "docs" / "results" / ("ablation-smoke" if args.quick else "")
+        args.out_dir = ROOT / "docs" / "results" / ("ablation-smoke" if args.quick else
+                                                    "ablation-validation" if args.eval_split == "validation" else "")
     return args
 
 
@@ -275,7 +306,7 @@ def _run(args, load_models, load_corpus) -> dict:
     out_dir, work_dir = Path(args.out_dir), Path(args.work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    rows = load_rows()
+    rows = load_rows(args.rows_file)
 
     clock.say("loading the teacher")
     teacher, tokenizer, teacher_desc = (load_models or _default_models)()
@@ -283,12 +314,23 @@ def _run(args, load_models, load_corpus) -> dict:
     teacher_layers = teacher.config.num_hidden_layers
     train_docs, heldout_docs, data_desc = (load_corpus or _default_corpus)()
     train_blocks = all_train = token_blocks(train_docs, tokenizer, block_size=args.block_size)
+    validation_blocks = None
+    if args.eval_split == "validation":
+        # evenly spaced training-split blocks, taken out of the training pool before the training blocks are
+        # chosen: no run trains on them (their documents' other blocks may be trained on)
+        stride = len(all_train) / args.eval_blocks
+        picked = {int((i + 0.5) * stride) for i in range(args.eval_blocks)}
+        validation_blocks = [all_train[i] for i in sorted(picked)]
+        train_blocks = [b for i, b in enumerate(all_train) if i not in picked]
     if args.train_blocks is not None and args.train_blocks < len(train_blocks):
         # evenly spaced over the whole training stream, so a small budget still sees every part of the corpus
         stride = len(train_blocks) / args.train_blocks
         train_blocks = [train_blocks[int(i * stride)] for i in range(args.train_blocks)]
     heldout_blocks = token_blocks(heldout_docs, tokenizer, block_size=args.block_size, max_blocks=args.eval_blocks)
-    clock.say(f"data: {len(train_blocks)} train blocks, {len(heldout_blocks)} held-out blocks of {args.block_size}")
+    if validation_blocks is not None:
+        heldout_blocks = validation_blocks  # evaluated on below instead of the held-out split
+    clock.say(f"data: {len(train_blocks)} train blocks, {len(heldout_blocks)} "
+              f"{'validation' if validation_blocks is not None else 'held-out'} blocks of {args.block_size}")
 
     clock.say(f"deriving the student: {args.student_layers} of {teacher_layers} blocks, {args.strategy}")
     base_student, kept = derive_student(
@@ -640,6 +682,7 @@ def _summarise(args, rows, records, signature, teacher_eval, params, speed, kept
             "batch_size": args.batch_size, "block_size": args.block_size, "learning_rate": args.learning_rate,
             "strategy": args.strategy, "student_layers": args.student_layers, "k": args.k,
             "teacher_source": args.teacher_source, "threads": args.threads,
+            "eval_split": getattr(args, "eval_split", "heldout"),
             "cache": None if cache is None else {"path": str(cache.path), "layers": cache.layers, "k": cache.k},
             "signature": signature,
         },
@@ -728,6 +771,10 @@ def _markdown(summary: dict) -> str:
     setup, p = summary["setup"], summary["parameters"]
     gen = summary["generation"]
     parts = [f"# Ablation (issue 6): {summary['kind']}", ""]
+    if setup.get("eval_split") == "validation":
+        parts += ["**Evaluated on the validation split** (training-split blocks no run trains on), for choosing "
+                  "configurations without looking at the held-out split: the 'held-out' columns below mean "
+                  "validation here. These are not the reported results.", ""]
     if "smoke" in summary["kind"]:
         parts += ["**This is a smoke run of the harness (few steps, one seed, small evaluation): it checks the "
                   "pipeline end to end. Its numbers are not ablation results.**", ""]

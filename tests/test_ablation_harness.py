@@ -149,3 +149,37 @@ def test_max_minutes_cap_starts_no_run_past_it(tmp_path, capsys):
     assert summary["rows"] == {} and [tuple(m) for m in summary["missing_runs"]] == [("fkl", 0)]
     assert "not starting fkl seed 0" in capsys.readouterr().out
     assert "Missing" in (tmp_path / "out" / "ablation.md").read_text()
+
+
+def test_rows_file_and_validation_split(tmp_path, capsys):
+    ablation = _harness()
+    extra = tmp_path / "rows.yaml"
+    extra.write_text("anchored:\n  description: anchored gradnorm\n  kd:\n    ce_weight: 0.0\n    terms:\n"
+                     "      - {name: forward_kl}\n      - {name: mse, weight: 0.5, layers: kept}\n"
+                     "    scheduler: {name: gradnorm, anchor: forward_kl, every: 1, warmup_steps: auto}\n")
+    args = _args(ablation, tmp_path, ["fkl", "anchored"])
+    args.rows_file, args.eval_split = extra, "validation"
+    summary = ablation.run(args, load_models=_models, load_corpus=_corpus)
+    assert list(summary["rows"]) == ["fkl", "anchored"] and summary["setup"]["eval_split"] == "validation"
+    assert "validation blocks" in capsys.readouterr().out
+    assert "Evaluated on the validation split" in (tmp_path / "out" / "ablation.md").read_text()
+    # the validation blocks are training-split blocks that are not trained on, and not the held-out blocks
+    heldout = ablation.run(_args(ablation, tmp_path / "h", ["fkl"]), load_models=_models, load_corpus=_corpus)
+    assert heldout["setup"]["signature"] != summary["setup"]["signature"]
+
+    clash = tmp_path / "clash.yaml"
+    clash.write_text("fkl:\n  kd: {terms: [{name: forward_kl}]}\n")
+    with pytest.raises(SystemExit, match=r"row name\(s\) \['fkl'\] already exist"):
+        ablation.load_rows(clash)
+    bad = ablation.build_parser().parse_args(["--rows", "nope"])
+    with pytest.raises(SystemExit, match=r"unknown row\(s\) \['nope'\]"):
+        ablation.finalize_args(bad)
+
+
+def test_candidate_rows_file_is_valid():
+    from kd_plugins.integrations.trl import load_kd_config
+
+    ablation = _harness()
+    rows = ablation.load_rows(ROOT / "benchmarks" / "ablation_candidates.yaml")
+    for name in ("full_anchor", "full_anchor_b1", "full_conflict"):
+        load_kd_config(ablation.resolve_kd_config(rows[name]["kd"], [0, 1, 20, 23, 24, 29], 30, steps=50))
