@@ -11,10 +11,10 @@ from kd_plugins.functional.alignment import attention_relation, contrastive, hid
 
 __all__ += ["attention_relation", "contrastive", "hidden_cosine", "hidden_mse"]
 
-from kd_plugins.functional.fused import fused_linear_kd, linear_kd_reference
+from kd_plugins.functional.fused import fused_linear_kd, linear_ce_reference, linear_kd_reference
 from kd_plugins.functional.logit import dkd, forward_kl, generalized_jsd, reverse_kl
 
-__all__ += ["forward_kl", "reverse_kl", "generalized_jsd", "dkd", "fused_linear_kd", "linear_kd_reference"]
+__all__ += ["forward_kl", "reverse_kl", "generalized_jsd", "dkd", "fused_linear_kd", "linear_ce_reference", "linear_kd_reference"]
 
 from kd_plugins.functional.sparse import sparse_kd_reference, sparse_linear_kd
 

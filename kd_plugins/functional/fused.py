@@ -40,7 +40,7 @@ from kd_plugins.functional.logit import (
     reverse_kl,
 )
 
-__all__ = ["fused_linear_kd", "linear_kd_reference"]
+__all__ = ["fused_linear_kd", "linear_ce_reference", "linear_kd_reference"]
 
 _FUNCTIONAL = {
     "forward_kl": forward_kl,
@@ -69,7 +69,8 @@ def fused_linear_kd(
     ignore_index: int = IGNORE_INDEX,
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 1024,
-) -> Tensor:
+    return_task_loss: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Logit KD computed from hidden states and LM heads, chunk by chunk.
 
     The logits of each model are ``softcap(scale * (hidden @ weight.T + bias))`` with
@@ -92,11 +93,15 @@ def fused_linear_kd(
         student_softcap, teacher_softcap: final-logit softcap values, or None.
         temperature, ignore_index, num_items_in_batch: as in :func:`~kd_plugins.functional.forward_kl`.
         chunk_size: tokens per chunk; peak extra memory is a small multiple of ``chunk_size * V`` fp32.
+        return_task_loss: also return the student's cross-entropy on ``labels`` (its own logits, temperature 1,
+            same normaliser), computed from the same chunk projections: no second pass over the LM head. Costs one
+            more ``chunk_size * V`` buffer and the CE's own gradient matmuls.
 
     Returns:
         0-dim fp32 loss, equal (up to float rounding) to :func:`linear_kd_reference`. Its gradients with
         respect to the student hidden states, weight and bias are computed during the forward call and
-        returned, in the inputs' dtypes, by ``backward``.
+        returned, in the inputs' dtypes, by ``backward``. With ``return_task_loss``: ``(kd_loss, ce_loss)``,
+        ``ce_loss`` equal to :func:`linear_ce_reference`.
     """
     options = dict(loss_kwargs or {})
     per_token_fn = _check_loss_options(loss, options)
@@ -122,9 +127,37 @@ def fused_linear_kd(
         n_scratch=n_scratch,
         teacher_buffer=True,
         chunk_size=chunk_size,
+        task=(student_logit_scale, student_softcap) if return_task_loss else None,
     )
-    per_token = _FusedLinearKD.apply(hidden_s, student_weight, student_bias, targets, plan, torch.is_grad_enabled())
-    return normalize_token_sum(per_token, torch.ones_like(per_token, dtype=torch.bool), num_items_in_batch)
+    out = _FusedLinearKD.apply(hidden_s, student_weight, student_bias, targets, plan, torch.is_grad_enabled())
+    return _normalise_outputs(out, num_items_in_batch)
+
+
+def _normalise_outputs(out, num_items_in_batch):
+    """Per-token output(s) of :class:`_FusedLinearKD` -> normalised token sum(s)."""
+    if isinstance(out, tuple):
+        return tuple(_normalise_outputs(o, num_items_in_batch) for o in out)
+    return normalize_token_sum(out, torch.ones_like(out, dtype=torch.bool), num_items_in_batch)
+
+
+def linear_ce_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    num_items_in_batch: Tensor | int | None = None,
+) -> Tensor:
+    """Cross-entropy of full logits ``softcap(scale * (hidden @ weight.T + bias))`` against aligned ``labels``:
+    the task loss that ``return_task_loss=True`` computes fused (token sum over ``num_items_in_batch``, or the
+    mean over valid positions). For tests."""
+    logits = _head(_project(hidden, weight, bias), logit_scale, softcap)
+    per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).long(),
+                          ignore_index=ignore_index, reduction="none")
+    return normalize_token_sum(per, valid_mask(labels, ignore_index).reshape(-1), num_items_in_batch)
 
 
 def linear_kd_reference(
@@ -189,6 +222,7 @@ class _ChunkPlan(NamedTuple):
     n_scratch: int
     teacher_buffer: bool
     chunk_size: int
+    task: tuple[float, float | None] | None = None  # (logit scale, softcap) of the student head: also the CE
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -197,6 +231,12 @@ class _FusedLinearKD(torch.autograd.Function):
     The LM-head gradient is accumulated over tokens during ``forward`` with unit per-token weights, so
     ``backward`` needs a uniform ``grad_output`` -- which it always gets, because the only consumer is the
     token sum in ``normalize_token_sum``.
+
+    With ``plan.task`` it also returns the per-token cross-entropy of the student's own logits (temperature 1)
+    against ``targets``, from the same projection of each chunk: its gradient ``softmax(x) - onehot`` is kept in a
+    second chunk buffer and turned into separate hidden-state / LM-head gradients, so ``backward`` can weight the
+    KD and the CE outputs independently (the scheduler decides the KD weight after the forward; gradient probes
+    ask for one output at a time). Returns ``(kd, ce)`` then.
     """
 
     @staticmethod
@@ -216,6 +256,7 @@ class _FusedLinearKD(torch.autograd.Function):
         student_buf = torch.empty(rows, vocab, dtype=acc, device=device)
         teacher_buf = torch.empty(rows, vocab, dtype=acc, device=device) if plan.teacher_buffer else None
         scratch = [torch.empty(min(block_rows, rows), vocab, dtype=acc, device=device) for _ in range(plan.n_scratch)]
+        task = _TaskGrads(plan.task, hidden_s, weight_s, bias_s, rows, acc, need_h, need_w, need_b) if plan.task else None
 
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
@@ -223,6 +264,8 @@ class _FusedLinearKD(torch.autograd.Function):
             student = student_buf[: stop - start]
             teacher = plan.teacher_chunk(start, stop, None if teacher_buf is None else teacher_buf[: stop - start])
             _project_into(student, h, weight_s, bias_s)
+            if task is not None:  # before the KD kernel overwrites the logits
+                task.chunk(start, stop, student, targets[start:stop], block_rows, need_grad)
             # per block: losses, and d(loss)/d(raw student logits) written over the student logits
             for lo in range(0, stop - start, block_rows):
                 hi = min(lo + block_rows, stop - start)
@@ -246,6 +289,8 @@ class _FusedLinearKD(torch.autograd.Function):
             if need_b:
                 grad_b += grad_raw.sum(0)
             del grad_raw, grad_raw_c
+            if task is not None:
+                task.backward_chunk(start, stop, h, weight_s)
 
         if grad_w is not None and n == 0:
             grad_w.zero_()
@@ -254,26 +299,111 @@ class _FusedLinearKD(torch.autograd.Function):
             None if grad_w is None else grad_w.to(weight_s.dtype),
             None if grad_b is None else grad_b.to(bias_s.dtype),
         )
-        return losses
+        ctx.task_grads = None if task is None else task.finish(weight_s, bias_s)
+        if task is None:
+            return losses
+        return losses, task.losses
 
     @staticmethod
-    def backward(ctx, grad_output):
-        grad_h, grad_w, grad_b = ctx.grads
-        if grad_h is not None:
-            grad_h = grad_h * grad_output.unsqueeze(-1).to(grad_h.dtype)
-        if grad_w is not None or grad_b is not None:
-            if grad_output.numel() == 0:
-                scale = grad_output.new_zeros(())
+    def backward(ctx, grad_output, grad_task=None):
+        grads = _scaled_grads(ctx.grads, grad_output)
+        if ctx.task_grads is not None and grad_task is not None:
+            task = _scaled_grads(ctx.task_grads, grad_task)
+            grads = tuple(g if t is None else (t if g is None else g + t) for g, t in zip(grads, task))
+        return (*grads, None, None, None)
+
+
+def _scaled_grads(grads, grad_output):
+    """``(grad_h, grad_w, grad_b)`` computed with unit per-token weights, times this output's ``grad_output``."""
+    grad_h, grad_w, grad_b = grads
+    if grad_h is not None:
+        grad_h = grad_h * grad_output.unsqueeze(-1).to(grad_h.dtype)
+    if grad_w is not None or grad_b is not None:
+        if grad_output.numel() == 0:
+            scale = grad_output.new_zeros(())
+        else:
+            scale = grad_output[0]
+            if not torch.equal(grad_output, scale.expand_as(grad_output)):
+                raise RuntimeError(
+                    "fused_linear_kd: the LM-head gradient needs the same weight on every token; "
+                    "reduce the per-token output with a plain (normalised) sum"
+                )
+        grad_w = None if grad_w is None else grad_w * scale.to(grad_w.dtype)
+        grad_b = None if grad_b is None else grad_b * scale.to(grad_b.dtype)
+    return grad_h, grad_w, grad_b
+
+
+class _TaskGrads:
+    """The student's own cross-entropy inside the fused loop: per-token ``lse(x) - x[target]`` of the model's
+    logits ``x = softcap(scale * raw)`` (temperature 1) and, when gradients are needed, ``d CE / d raw`` in its own
+    chunk buffer, projected to separate hidden-state / LM-head / bias gradients."""
+
+    def __init__(self, head, hidden_s, weight_s, bias_s, rows, acc, need_h, need_w, need_b):
+        self.scale, self.softcap = head
+        n, vocab, device = hidden_s.shape[0], weight_s.shape[0], hidden_s.device
+        self.acc, self.dtype = acc, hidden_s.dtype
+        self.losses = torch.empty(n, dtype=acc, device=device)
+        self.buf = torch.empty(rows, vocab, dtype=acc, device=device)
+        self.need_h, self.need_w, self.need_b = need_h, need_w, need_b
+        self.grad_h = torch.empty_like(hidden_s) if need_h else None
+        self.grad_w = torch.empty(weight_s.shape, dtype=acc, device=device) if need_w else None
+        self.grad_b = torch.zeros(bias_s.shape, dtype=acc, device=device) if need_b else None
+        self.first = True
+
+    def chunk(self, start, stop, raw, targets, block_rows, need_grad):
+        """Per-token CE of rows ``start:stop`` from their raw logits ``raw`` (left unchanged)."""
+        x = self.buf[: stop - start]
+        x.copy_(raw)
+        for lo in range(0, stop - start, block_rows):
+            hi = min(lo + block_rows, stop - start)
+            self.losses[start + lo : start + hi] = self._block(x[lo:hi], targets[lo:hi], need_grad)
+
+    def _block(self, x, targets, need_grad):
+        _scale_(x, self.scale)
+        slope = None
+        if self.softcap is not None:
+            x.div_(self.softcap).tanh_()
+            slope = (x * x).neg_().add_(1.0) if need_grad else None  # d tanh
+            x.mul_(self.softcap)
+        index = targets.long().unsqueeze(-1)
+        x_t = x.gather(-1, index).squeeze(-1)
+        top = x.amax(-1, keepdim=True)
+        total = x.sub_(top).exp_().sum(-1, keepdim=True)  # x = exp(x - max)
+        losses = total.log().add_(top).squeeze(-1).sub_(x_t)  # lse - x[target]
+        if need_grad:
+            x.div_(total).scatter_add_(-1, index, torch.full_like(index, -1, dtype=x.dtype))  # softmax - onehot
+            _scale_(x, self.scale)
+            if slope is not None:
+                x.mul_(slope)
+        return losses
+
+    def backward_chunk(self, start, stop, h, weight_s):
+        if not (self.need_h or self.need_w or self.need_b):
+            return
+        g = self.buf[: stop - start]
+        g_c = g if g.dtype == self.dtype else g.to(self.dtype)
+        if self.need_h:
+            torch.mm(g_c, weight_s, out=self.grad_h[start:stop])
+        if self.need_w:
+            if self.first:
+                torch.mm(g.t(), h.to(self.acc), out=self.grad_w)
+            elif h.dtype == self.acc:
+                self.grad_w.addmm_(g.t(), h)
             else:
-                scale = grad_output[0]
-                if not torch.equal(grad_output, scale.expand_as(grad_output)):
-                    raise RuntimeError(
-                        "fused_linear_kd: the LM-head gradient needs the same weight on every token; "
-                        "reduce the per-token output with a plain (normalised) sum"
-                    )
-            grad_w = None if grad_w is None else grad_w * scale.to(grad_w.dtype)
-            grad_b = None if grad_b is None else grad_b * scale.to(grad_b.dtype)
-        return grad_h, grad_w, grad_b, None, None, None
+                self.grad_w += torch.mm(g_c.t(), h)
+        if self.need_b:
+            self.grad_b += g.sum(0)
+        self.first = False
+
+    def finish(self, weight_s, bias_s):
+        if self.grad_w is not None and self.first:  # no rows
+            self.grad_w.zero_()
+        self.buf = None
+        return (
+            self.grad_h,
+            None if self.grad_w is None else self.grad_w.to(weight_s.dtype),
+            None if self.grad_b is None else self.grad_b.to(bias_s.dtype),
+        )
 
 
 def _rows(teacher, lo, hi):

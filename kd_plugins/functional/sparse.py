@@ -46,6 +46,7 @@ from kd_plugins.functional.fused import (
     _ChunkPlan,
     _FusedLinearKD,
     _head,
+    _normalise_outputs,
     _project,
     _scale_,
 )
@@ -72,7 +73,8 @@ def sparse_linear_kd(
     ignore_index: int = IGNORE_INDEX,
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 1024,
-) -> Tensor:
+    return_task_loss: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Logit KD against a top-k teacher, from the student's hidden states and LM head, chunk by chunk.
 
     Args:
@@ -82,10 +84,11 @@ def sparse_linear_kd(
         topk_indices: ``(..., k)`` their token ids (distinct per position), any integer dtype.
         labels: ``(...)`` targets aligned with positions; ``ignore_index`` positions are skipped.
         loss, loss_kwargs, student_bias, student_logit_scale, student_softcap, temperature, ignore_index,
-        num_items_in_batch, chunk_size: as in :func:`~kd_plugins.functional.fused_linear_kd`.
+        num_items_in_batch, chunk_size, return_task_loss: as in :func:`~kd_plugins.functional.fused_linear_kd`.
 
     Returns:
-        0-dim fp32 loss (the bucket formulas in the module docstring), equal to :func:`sparse_kd_reference`.
+        0-dim fp32 loss (the bucket formulas in the module docstring), equal to :func:`sparse_kd_reference`;
+        ``(kd_loss, ce_loss)`` with ``return_task_loss``.
     """
     options = dict(loss_kwargs or {})
     _check_loss_options(loss, options)
@@ -106,9 +109,10 @@ def sparse_linear_kd(
         n_scratch=0 if student_softcap is None else 1,
         teacher_buffer=False,
         chunk_size=chunk_size,
+        task=(student_logit_scale, student_softcap) if return_task_loss else None,
     )
-    per_token = _FusedLinearKD.apply(hidden_s, student_weight, student_bias, targets, plan, torch.is_grad_enabled())
-    return normalize_token_sum(per_token, torch.ones_like(per_token, dtype=torch.bool), num_items_in_batch)
+    out = _FusedLinearKD.apply(hidden_s, student_weight, student_bias, targets, plan, torch.is_grad_enabled())
+    return _normalise_outputs(out, num_items_in_batch)
 
 
 def sparse_kd_reference(
