@@ -140,6 +140,15 @@ class KDConfig:
         shared_params: for gradient-aware schedulers, the student parameters on which per-term gradients are
             compared: ``last_layer`` (default; reached by logit terms, the task loss and alignment terms on the
             last block), ``final_norm`` (reached by logit terms and the task loss only), or a parameter-name substring.
+        fuse_task_loss: let the trainer integrations run the student's LM head once per training step (default
+            True; same loss and gradients to float rounding). With ``ce_weight: 0`` (and a scheduler that does
+            not use the task loss, i.e. not ``conflict``) the student runs its backbone only: no host loss, no LM
+            head, no CE. With ``ce_weight > 0`` and a logit term (``forward_kl``, ``reverse_kl``,
+            ``generalized_jsd``, ``dkd``) the host's causal-LM cross-entropy is computed by that term's chunked pass
+            over the student's head instead of a second pass. Steps the optimisation cannot reproduce exactly
+            (another host loss, label smoothing, ``return_outputs``, distributed wrappers, ...) run the host's
+            ``compute_loss`` as before. False: always run the host's ``compute_loss`` (its own metrics, e.g. TRL's
+            ``entropy`` and ``mean_token_accuracy``, are logged only then).
     """
 
     ce_weight: float = 1.0
@@ -149,6 +158,7 @@ class KDConfig:
     projector_lr: float | None = None
     on_nonfinite_teacher: str = "raise"
     shared_params: str = "last_layer"
+    fuse_task_loss: bool = True
 
     def __post_init__(self) -> None:
         self.terms = [t if isinstance(t, TermConfig) else TermConfig.from_dict(t) for t in (self.terms or [])]
@@ -163,6 +173,11 @@ class KDConfig:
             )
         if self.projector_lr is not None:
             _check_number("KDConfig", "projector_lr", self.projector_lr, strict=True)
+        if not isinstance(self.fuse_task_loss, bool):
+            raise ConfigError(
+                f"KDConfig: fuse_task_loss={self.fuse_task_loss!r} is invalid; expected true (default: run the "
+                "student's LM head once per step) or false (always run the host trainer's own loss)"
+            )
         labels = [t.label for t in self.terms]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         if duplicates:

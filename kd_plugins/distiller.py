@@ -39,6 +39,7 @@ class DistillOutput:
         losses: ``{label: unweighted loss}``, detached.
         weights: ``{label: weight}`` applied this step, as floats.
         metrics: extra scalars from terms and scheduler, ready to log.
+        task_loss: the task loss used (detached): the one passed in, or the fused one (``task_loss="fused"``).
     """
 
     loss: Tensor
@@ -46,6 +47,7 @@ class DistillOutput:
     losses: dict[str, Tensor]
     weights: dict[str, float]
     metrics: dict[str, float] = field(default_factory=dict)
+    task_loss: Tensor | None = None
 
     def log_dict(self, prefix: str = "kd/") -> dict[str, float]:
         """Flat ``{name: float}`` for a trainer's logs: per-term losses, weights and extra metrics."""
@@ -120,6 +122,14 @@ class Distiller(nn.Module):
             req = req.merge(term.requirements())
         return req
 
+    def task_loss_carrier(self) -> str | None:
+        """Label of the term that can compute the student's task (CE) loss in its own pass over the LM head
+        (the first logit term with ``can_fuse_task_loss``), or None. See ``forward(task_loss="fused")``."""
+        for label, term in self.terms.items():
+            if getattr(term, "can_fuse_task_loss", False):
+                return label
+        return None
+
     # --- the step -----------------------------------------------------------------------------------------
 
     def forward(
@@ -128,23 +138,28 @@ class Distiller(nn.Module):
         teacher: ModelCapture,
         batch: BatchContext,
         *,
-        task_loss: Tensor | None = None,
+        task_loss: Tensor | str | None = None,
         shared_params: Iterable[Tensor] | None = None,
         reduce: Callable[[Tensor], Tensor] | None = None,
         regularizer_scale: float = 1.0,
+        task_loss_scale: float = 1.0,
     ) -> DistillOutput:
         """Compute every term, ask the scheduler for weights and combine.
 
         Args:
             student, teacher: captures of this batch (see :class:`ModelCapture`).
             batch: shared per-batch facts (targets, masks, step, normaliser).
-            task_loss: the host's task loss (e.g. CE), already normalised like the host does it.
+            task_loss: the host's task loss (e.g. CE), already normalised like the host does it; or ``"fused"``:
+                the carrier term (:meth:`task_loss_carrier`) computes the student's causal-LM cross-entropy on
+                ``batch.labels`` (normalised by ``batch.num_items_in_batch`` like the logit terms) in the same
+                chunked pass over the student's LM head, so the host need not run the head at all.
             shared_params: student parameters for gradient-aware schedulers (only used on steps where the
                 scheduler asks for gradients).
             reduce: for data parallelism, a callable averaging a tensor across ranks (a collective; the
                 integration builds it from ``torch.distributed``). When given, the scheduler sees the rank-mean of
                 the detached term losses (one call per step) and of every probe gradient (one call per gradient
                 it asks for), so every rank computes the same weights. None: single process.
+            task_loss_scale: factor on a fused task loss (e.g. the host's data-parallel world factor).
             regularizer_scale: factor on the scheduler's :meth:`~WeightScheduler.regularizer` in this call, so it
                 counts once per optimizer step (``1 / accumulation steps`` when the host does not divide the
                 returned loss by the accumulation steps itself).
@@ -152,7 +167,21 @@ class Distiller(nn.Module):
         Every rank must call this (or :meth:`skip_transfer`) once per micro-batch with the same ``reduce``
         arrangement: the collectives are issued in the same order on every rank.
         """
+        carrier = None
+        if isinstance(task_loss, str):
+            if task_loss != "fused":
+                raise ValueError(f"task_loss={task_loss!r} is invalid; expected a tensor, None or 'fused'")
+            label = self.task_loss_carrier()
+            if label is None:
+                raise ConfigError("task_loss='fused' needs a logit term that can carry the task loss (forward_kl, "
+                                  "reverse_kl, generalized_jsd or dkd); pass the host's task loss instead")
+            carrier = self.terms[label]
+            carrier.request_task_loss()
         losses = {label: term(student, teacher, batch) for label, term in self.terms.items()}
+        if carrier is not None:
+            task_loss = carrier.take_task_loss()
+            if task_loss_scale != 1.0:
+                task_loss = task_loss * task_loss_scale
         weights = self._schedule(batch.step, losses, task_loss, shared_params, reduce)
         missing = set(losses) - set(weights)
         if missing:
@@ -172,7 +201,8 @@ class Distiller(nn.Module):
             metrics.update({f"{label}/{k}": v for k, v in term.extra_metrics().items()})
         metrics.update({f"scheduler/{k}": v for k, v in self.scheduler.metrics().items()})
         self._pm.hook.kd_step_end(step=batch.step, total=transfer, losses=detached, weights=float_weights)
-        return DistillOutput(loss=total, transfer=transfer, losses=detached, weights=float_weights, metrics=metrics)
+        return DistillOutput(loss=total, transfer=transfer, losses=detached, weights=float_weights, metrics=metrics,
+                             task_loss=None if task_loss is None else task_loss.detach())
 
     def skip_transfer(
         self,

@@ -36,10 +36,17 @@ __all__ = [
 
 
 class _FusedLogitTerm(DistillationTerm):
-    """Shared forward of the logit terms: ``fused_linear_kd`` over the captured final hidden states."""
+    """Shared forward of the logit terms: ``fused_linear_kd`` over the captured final hidden states.
+
+    It can also carry the task loss: after :meth:`request_task_loss`, the next forward computes the student's
+    cross-entropy on ``batch.labels`` in the same chunked pass over its LM head (``return_task_loss=True``) and
+    keeps it for :meth:`take_task_loss`; the term's own output is unchanged. The :class:`~kd_plugins.Distiller`
+    does this when called with ``task_loss="fused"``.
+    """
 
     family = "logit"
     loss_name = ""
+    can_fuse_task_loss = True
 
     def __init__(self, *, temperature: float = 1.0, chunk_size: int = 1024, **loss_kwargs: float):
         super().__init__()
@@ -50,6 +57,19 @@ class _FusedLogitTerm(DistillationTerm):
         self.temperature = float(temperature)
         self.chunk_size = chunk_size
         self.loss_kwargs = {k: float(v) for k, v in loss_kwargs.items()}
+        self._task_requested = False
+        self._task_loss: Tensor | None = None
+
+    def request_task_loss(self) -> None:
+        """Compute the student's CE alongside the next forward (see the class docstring)."""
+        self._task_requested, self._task_loss = True, None
+
+    def take_task_loss(self) -> Tensor:
+        """The CE computed by the last forward after :meth:`request_task_loss` (then forgotten)."""
+        loss, self._task_loss, self._task_requested = self._task_loss, None, False
+        if loss is None:
+            raise RuntimeError(f"{type(self).__name__}: no task loss was computed; call request_task_loss() first")
+        return loss
 
     def requirements(self) -> Requirements:
         return Requirements(final_hidden=True)
@@ -64,7 +84,7 @@ class _FusedLogitTerm(DistillationTerm):
             )
         if teacher.final_hidden is None and teacher.topk_logprobs is not None and teacher.topk_indices is not None:
             # offline teacher (top-k cache): the sparse bucket form, see kd_plugins.functional.sparse
-            return sparse_linear_kd(
+            out = sparse_linear_kd(
                 student.final_hidden,
                 student.lm_head_weight,
                 teacher.topk_logprobs,
@@ -79,14 +99,16 @@ class _FusedLogitTerm(DistillationTerm):
                 ignore_index=batch.ignore_index,
                 num_items_in_batch=batch.num_items_in_batch,
                 chunk_size=self.chunk_size,
+                return_task_loss=self._task_requested,
             )
+            return self._keep_task_loss(out)
         if teacher.final_hidden is None or teacher.lm_head_weight is None:
             raise ValueError(
                 f"{type(self).__name__} needs the teacher's final hidden states and LM head weight (or, from an "
                 f"offline cache, its top-k log-probs and indices), but the teacher capture of "
                 f"{teacher.info.name!r} has neither"
             )
-        return fused_linear_kd(
+        out = fused_linear_kd(
             student.final_hidden,
             student.lm_head_weight,
             teacher.final_hidden,
@@ -104,7 +126,16 @@ class _FusedLogitTerm(DistillationTerm):
             ignore_index=batch.ignore_index,
             num_items_in_batch=batch.num_items_in_batch,
             chunk_size=self.chunk_size,
+            return_task_loss=self._task_requested,
         )
+        return self._keep_task_loss(out)
+
+    def _keep_task_loss(self, out: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+        if not self._task_requested:
+            return out
+        self._task_requested = False
+        loss, self._task_loss = out
+        return loss
 
     def extra_repr(self) -> str:
         options = "".join(f", {k}={v}" for k, v in self.loss_kwargs.items())
