@@ -215,9 +215,17 @@ class KDTrainerMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         kd_inputs = self._kd_model_inputs(inputs)  # before the host mutates inputs
+        num_items = self._kd_num_items(inputs, num_items_in_batch)
+        scaled_for_ga = self._kd_loss_is_scaled_for_ga(num_items)
+        mode = self._kd_student_mode(model, kd_inputs, return_outputs, num_items_in_batch, scaled_for_ga)
         with self._kd_student_capture.recording():
-            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                          num_items_in_batch=num_items_in_batch)
+            if mode == "host":
+                result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                              num_items_in_batch=num_items_in_batch)
+            else:  # the backbone only: the LM head runs once, inside the logit term (or not at all)
+                run_backbone(model, kd_inputs)
+                self._kd_count_host_tokens(kd_inputs)
+                result = None
         student_capture = self._kd_student_capture.result()
         self._kd_check_student_graph(student_capture)
         host_loss, outputs = result if return_outputs else (result, None)
@@ -228,8 +236,6 @@ class KDTrainerMixin:
             with self.kd_teacher.forward_context(), self._kd_teacher_capture.recording():
                 run_backbone(self.kd_teacher.model, kd_inputs)
                 teacher_capture = self._kd_teacher_capture.result()  # inside: a 'self' teacher's head has no adapters
-        num_items = self._kd_num_items(inputs, num_items_in_batch)
-        scaled_for_ga = self._kd_loss_is_scaled_for_ga(num_items)
         ga = max(1, int(getattr(self, "current_gradient_accumulation_steps", None)
                         or self.args.gradient_accumulation_steps))
         world = self._kd_world_factor(num_items) if scaled_for_ga else 1
@@ -251,6 +257,10 @@ class KDTrainerMixin:
                 )
             logger.warning("kd_plugins: non-finite teacher outputs at step %d; skipping transfer terms",
                            self.state.global_step)
+            if result is None:  # the host loss was not computed: compute it now (a second student forward)
+                result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                              num_items_in_batch=num_items_in_batch)
+                host_loss = result
             # other ranks may run the terms: take part in the scheduler's collectives with no weight
             self.distiller.skip_transfer(batch, task_loss=host_loss, shared_params=self._kd_shared_params,
                                          reduce=self._kd_cross_rank_mean(contributes=False))
@@ -265,7 +275,9 @@ class KDTrainerMixin:
         }
         try:
             out = self.distiller(
-                student_capture, teacher_capture, batch, task_loss=host_loss, shared_params=self._kd_shared_params,
+                student_capture, teacher_capture, batch, shared_params=self._kd_shared_params,
+                task_loss="fused" if mode == "fused" else host_loss,
+                task_loss_scale=world,  # a fused CE scales like the host's: x world when it averages tokens
                 reduce=self._kd_cross_rank_mean(contributes=True),
                 # once per optimizer step: the Trainer does not divide a GA-scaled loss by the accumulation steps
                 regularizer_scale=1.0 / ga if scaled_for_ga else 1.0,
@@ -279,6 +291,86 @@ class KDTrainerMixin:
         averaged = {k: v for k, v in logs.items() if k not in summed}
         self._kd_accumulate(summed, averaged)
         return (out.loss, outputs) if return_outputs else out.loss
+
+    # Which host trainers compute_loss is the plain causal-LM cross-entropy that a logit term can reproduce
+    # (KDDistillationTrainer's host loss is a JSD on generated completions: never replaced).
+    kd_host_loss_is_causal_lm_ce = True
+
+    def _kd_student_mode(self, model, kd_inputs, return_outputs, num_items_in_batch, scaled_for_ga) -> str:
+        """How the student runs this training step (``KDConfig.fuse_task_loss``):
+
+        * ``"host"``: the host's own ``compute_loss`` (full LM head + its CE, metrics and normalisation);
+        * ``"backbone"``: backbone only, no task loss -- ``ce_weight == 0`` and the scheduler does not read the
+          task loss's gradient;
+        * ``"fused"``: backbone only, the CE comes from the logit term's chunked pass over the student's head.
+
+        Anything the fused CE would not reproduce exactly keeps ``"host"``.
+        """
+        config = self.kd_config
+        if not config.fuse_task_loss or return_outputs or not self.kd_host_loss_is_causal_lm_ce:
+            return "host"
+        if not self._kd_host_is_plain_ce(model):
+            return "host"
+        needs_task = config.ce_weight > 0 or _scheduler_uses_task_loss(self.distiller.scheduler)
+        if not needs_task:
+            return "backbone"
+        if config.ce_weight == 0 or self.distiller.task_loss_carrier() is None:
+            return "host"  # only the scheduler reads the task loss: keep the host's
+        # the CE's normaliser must be the logit terms' (num_items_in_batch only when the host scales for GA)
+        if num_items_in_batch is not None and not scaled_for_ga:
+            return "host"
+        labels = kd_inputs.get("labels")
+        if not isinstance(labels, Tensor):
+            return "host"
+        # the host's targets: labels shifted left by one (HF causal-LM convention), -100 at the end; the logit terms
+        # see BatchContext.labels, which also cut packed-sequence boundaries -- fuse only when they agree
+        from kd_plugins.functional import shift_labels
+
+        batch = BatchContext.from_inputs(labels=labels, input_ids=kd_inputs.get("input_ids"),
+                                         attention_mask=kd_inputs.get("attention_mask"),
+                                         position_ids=kd_inputs.get("position_ids"))
+        host_targets = shift_labels(labels)
+        if not torch.equal(batch.labels, host_targets):
+            return "host"
+        valid = int((host_targets != -100).sum())
+        if valid == 0 and (num_items_in_batch is None or float(num_items_in_batch) == 0):
+            return "host"  # the host's own 0/0 convention (NaN for the Trainer, 0 for TRL) stays the host's
+        return "fused"
+
+    def _kd_host_is_plain_ce(self, model) -> bool:
+        """True when the host's training loss is the model's plain causal-LM CE, single process, no wrapper."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type != DistributedType.NO or unwrap_model(model) is not model:
+            return False  # DDP/FSDP/DeepSpeed and PEFT wrappers: their forward must run as the host runs it
+        if getattr(self, "compute_loss_func", None) is not None or getattr(self, "label_smoother", None) is not None:
+            return False
+        args = self.args
+        if getattr(args, "loss_type", "nll") not in (None, "nll") or getattr(args, "use_liger_kernel", False):
+            return False
+        if getattr(self, "aux_loss_enabled", False):
+            return False
+        if isinstance(self, SFTTrainer):
+            return True  # TRL's fused LM head: -log p(target) summed / num_items (or valid tokens)
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        loss_function = getattr(model, "loss_function", None)
+        return getattr(loss_function, "__func__", loss_function) is ForCausalLMLoss
+
+    def _kd_count_host_tokens(self, inputs: Mapping[str, Any]) -> None:
+        """Keep TRL SFTTrainer's ``num_tokens`` log counting when its compute_loss is not run (its ``entropy``
+        and ``mean_token_accuracy`` need the full logits and are not logged for such steps)."""
+        if not isinstance(self, SFTTrainer) or not hasattr(self, "_total_train_tokens"):
+            return
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, Tensor):
+            count = int(mask.sum())
+        elif isinstance(inputs.get("position_ids"), Tensor):
+            count = int(inputs["position_ids"].size(1))
+        else:
+            return
+        self._total_train_tokens += count // getattr(self, "_tp_size", 1)
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
 
     def _kd_check_student_graph(self, capture) -> None:
         if getattr(self, "_kd_graph_warned", False) or not torch.is_grad_enabled():
@@ -406,6 +498,8 @@ if _TRLDistillationTrainer is not None:
         tokens as targets. Without ``teacher=`` the trainer's own ``teacher_model`` is the teacher.
         """
 
+        kd_host_loss_is_causal_lm_ce = False
+
         def _kd_model_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
             input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
             attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
@@ -453,6 +547,19 @@ def _mean_over_contributing_ranks(tensor: Tensor, *, contributes: bool) -> Tenso
         flat.zero_()
     dist.all_reduce(flat)
     return (flat[:-1] / flat[-1]).to(tensor.dtype).view_as(tensor)
+
+
+def _scheduler_uses_task_loss(scheduler: nn.Module) -> bool:
+    """Whether the scheduler reads the task loss (its probe gradient): ``conflict`` does; the other built-ins do
+    not. A custom scheduler says so with a ``uses_task_loss`` attribute; without one it is assumed to."""
+    explicit = getattr(scheduler, "uses_task_loss", None)
+    if explicit is not None:
+        return bool(explicit)
+    from kd_plugins.components import dynamic_schedulers, schedulers
+
+    known = (schedulers.ConstantScheduler, dynamic_schedulers.GradNormScheduler,
+             dynamic_schedulers.DynamicWeightAverageScheduler, dynamic_schedulers.UncertaintyScheduler)
+    return not isinstance(scheduler, known)
 
 
 def _normalised_by_num_items(term: nn.Module) -> bool:
