@@ -340,6 +340,7 @@ class TeacherCache:
         indices = torch.arange(k, device=device).expand(batch, length, k).clone()
         hidden = {layer: torch.zeros(batch, length, self.model_info.hidden_size, device=device,
                                      dtype=dtype or torch.float32) for layer in layer_ids}
+        names = ("input_ids", "topk_logprobs", "topk_indices", *(f"hidden.{layer}" for layer in layer_ids))
         for b, start, stop in _segments(inputs):
             ids = input_ids[b, start:stop].to(torch.int32).cpu()
             key = _content_key(ids)
@@ -348,7 +349,7 @@ class TeacherCache:
                     f"batch row {b} (tokens {start}:{stop}) is not in teacher cache {self.path}: the data differ "
                     "from the cached dataset, or the trainer truncated/changed the examples (check max_length)"
                 )
-            rows = self._rows(self._by_key[key])
+            rows = self._rows(self._by_key[key], names)
             if not torch.equal(rows["input_ids"], ids):  # hash collision guard
                 raise TeacherCacheError(f"batch row {b}: cached tokens differ from the batch (corrupt cache?)")
             logprobs[b, start:stop] = rows["topk_logprobs"].to(device=device, dtype=torch.float32)
@@ -361,7 +362,9 @@ class TeacherCache:
         capture.logit_softcap = self.manifest.get("logit_softcap")
         return capture
 
-    def _rows(self, position: int) -> dict[str, Tensor]:
+    def _rows(self, position: int, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+        """The cached tensors of one sequence: ``names`` only (every tensor when None), so a step reads no
+        hidden states of layers it does not use."""
         from safetensors import safe_open
 
         _, shard, row, length, _ = self._index[position]
@@ -371,7 +374,7 @@ class TeacherCache:
                 handle = self._open[shard] = safe_open(str(self.path / shard), "pt")
             except Exception as exc:  # safetensors raises its own error types
                 raise TeacherCacheError(f"{self.path}: shard {shard} cannot be read ({exc}); rebuild the cache") from exc
-        return {name: handle.get_slice(name)[row : row + length] for name in handle.keys()}
+        return {name: handle.get_slice(name)[row : row + length] for name in (names or handle.keys())}
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
