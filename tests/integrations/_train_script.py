@@ -98,6 +98,9 @@ def kd_config(scheduler: str, contrastive: bool = True) -> dict:
         ][: 3 if contrastive else 2],
         "scheduler": {"name": scheduler, **options},
         "shared_params": "last_layer",
+        # DDP runs always take the host's compute_loss (fuse_task_loss applies to single-process runs only): the
+        # single-process reference takes it too, so the runs compare the same float operations over several steps
+        "fuse_task_loss": False,
     }
 
 
