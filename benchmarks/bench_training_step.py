@@ -17,6 +17,13 @@ Variants (all on the same batch, interleaved: round r runs every variant once in
   :class:`~kd_plugins.integrations.teacher_cache.TeacherCache` (k=64, bf16 hidden states of the mapped layers;
   DKD then takes the sparse top-k path). Attention relation is left out here: a cache holds no q/k/v.
 
+A KD step runs the student as the trainer integrations do with ``KDConfig.fuse_task_loss`` (the default): when a
+logit term is configured (``dkd``, ``full``, ``live``, ``cached``) the student runs its backbone only and its CE
+comes from the logit term's chunked pass (``Distiller(..., task_loss="fused")``), so the student's LM head runs
+once; otherwise the student's own forward computes the CE. The ``... (host CE)`` variants run the same steps with
+``fuse_task_loss: false`` (the student's full forward with CE, then the logit term's own pass over the head):
+the before/after of that optimisation, side by side in the same run.
+
 Times are process CPU time (``time.process_time``), wall-clock ratios beside them (see bench_logit_losses.py for
 why). Usage: ``python benchmarks/bench_training_step.py [--repeats 3]``.
 """
@@ -127,10 +134,15 @@ def bench(repeats: int, threads: int) -> dict:
             teacher(**{k: v for k, v in inputs.items() if k != "labels"})
         sft_step(student(**inputs).loss)
 
-    def kd_step(label, step, cached=False):
+    def kd_step(label, step, cached=False, fuse=True):
         s_capture, t_capture, req = captures[label]
+        fuse = fuse and distillers[label].task_loss_carrier() is not None
         with s_capture.recording():
-            task = student(**inputs).loss
+            if fuse:  # what KDTrainerMixin does with fuse_task_loss: backbone only, CE from the logit term
+                run_backbone(student, inputs)
+                task = "fused"
+            else:
+                task = student(**inputs).loss
         student_capture = s_capture.result()
         if cached:
             teacher_capture = cache.capture(inputs, layers=req.teacher_layers)
@@ -154,6 +166,10 @@ def bench(repeats: int, threads: int) -> dict:
         "full/ordinary": lambda r: kd_step("full", EVERY * r + 1),
         "live": lambda r: kd_step("live", r),
         "cached": lambda r: kd_step("live", r, cached=True),
+        "full/update (host CE)": lambda r: kd_step("full", EVERY * r, fuse=False),
+        "full/ordinary (host CE)": lambda r: kd_step("full", EVERY * r + 1, fuse=False),
+        "live (host CE)": lambda r: kd_step("live", r, fuse=False),
+        "cached (host CE)": lambda r: kd_step("live", r, cached=True, fuse=False),
     }
     bare(0)  # warm-up
     kd_step("full", 0)
@@ -162,9 +178,11 @@ def bench(repeats: int, threads: int) -> dict:
     wall: dict[str, list[float]] = {n: [] for n in names}
     for r in range(1, repeats + 1):
         order = names[r % len(names):] + names[: r % len(names)]
-        if order.index("full/update") > order.index("full/ordinary"):
-            order.remove("full/update")
-            order.insert(order.index("full/ordinary"), "full/update")
+        for suffix in ("", " (host CE)"):  # a gradnorm update step before the ordinary step of the same round
+            update, ordinary = f"full/update{suffix}", f"full/ordinary{suffix}"
+            if order.index(update) > order.index(ordinary):
+                order.remove(update)
+                order.insert(order.index(ordinary), update)
         for name in order:
             start, start_cpu = time.perf_counter(), time.process_time()
             variants[name](r)
@@ -174,6 +192,7 @@ def bench(repeats: int, threads: int) -> dict:
     med = {n: statistics.median(v) for n, v in times.items()}
     med_wall = {n: statistics.median(v) for n, v in wall.items()}
     full = (med["full/update"] + (EVERY - 1) * med["full/ordinary"]) / EVERY
+    full_host = (med["full/update (host CE)"] + (EVERY - 1) * med["full/ordinary (host CE)"]) / EVERY
     base = med["bare"]
     rows = {
         "bare": med["bare"] / base,
@@ -183,13 +202,17 @@ def bench(repeats: int, threads: int) -> dict:
         "full (gradnorm, amortised)": full / base,
         "full update step": med["full/update"] / base,
         "full ordinary step": med["full/ordinary"] / base,
+        "full (gradnorm, amortised), host CE": full_host / base,
     }
     return {
         "teacher": source, "teacher_load_s": load_s, "student_kept_layers": kept, "batch": [BATCH, SEQ],
         "threads": threads, "repeats": repeats, "cpu_seconds": times, "wall_seconds": wall, "median_s": med,
         "median_wall_s": med_wall, "full_amortised_s": full, "vs_bare": rows,
         "wall_vs_bare": {n: med_wall[n] / med_wall["bare"] for n in names},
-        "cached_vs_live": med["cached"] / med["live"], "cached_vs_live_wall": med_wall["cached"] / med_wall["live"], "cache_build_s": cache_build_s,
+        "cached_vs_live": med["cached"] / med["live"], "cached_vs_live_wall": med_wall["cached"] / med_wall["live"],
+        "cached_vs_live_host_ce": med["cached (host CE)"] / med["live (host CE)"],
+        "cached_vs_live_host_ce_wall": med_wall["cached (host CE)"] / med_wall["live (host CE)"],
+        "cache_build_s": cache_build_s,
         "cache_bytes_per_token": cache.bytes_per_token(), "cache_k": cache.k, "cache_layers": cache.layers,
     }
 
@@ -204,6 +227,8 @@ def print_table(result: dict) -> None:
           f"{result['cached_vs_live']:.3f} cpu, {result['cached_vs_live_wall']:.3f} wall  (live {result['median_s']['live']:.2f} s, cached "
           f"{result['median_s']['cached']:.2f} s); cache {result['cache_bytes_per_token']:.0f} bytes/token "
           f"(k={result['cache_k']}, layers {result['cache_layers']}, bf16)")
+    print(f"with fuse_task_loss false (host CE): cached / live {result['cached_vs_live_host_ce']:.3f} cpu, "
+          f"{result['cached_vs_live_host_ce_wall']:.3f} wall")
 
 
 def main(argv=None) -> dict:

@@ -77,12 +77,16 @@ def markdown(result: dict) -> str:
     wall_full = (wall["full/update"] + 9 * wall["full/ordinary"]) / 10
     wall_of = {"bare": wall["bare"], "dkd": wall["dkd"], "contrastive": wall["contrastive"],
                "attention_relation": wall["attention_relation"], "full (gradnorm, amortised)": wall_full,
-               "full update step": wall["full/update"], "full ordinary step": wall["full/ordinary"]}
+               "full update step": wall["full/update"], "full ordinary step": wall["full/ordinary"],
+               "full (gradnorm, amortised), host CE": (wall["full/update (host CE)"]
+                                                       + 9 * wall["full/ordinary (host CE)"]) / 10}
     for name, ratio in step["vs_bare"].items():
         lines.append(f"| {name} | {ratio:.2f} | {wall_of[name]:.2f} |")
     lines += ["", f"(c) Teacher cache (k={step['cache_k']}, bf16 hidden states of layers {step['cache_layers']}, "
               f"{step['cache_bytes_per_token']:.0f} bytes/token) vs live teacher, DKD + contrastive: cached / live "
-              f"step = {step['cached_vs_live']:.2f} (CPU), {step['cached_vs_live_wall']:.2f} (wall).", ""]
+              f"step = {step['cached_vs_live']:.2f} (CPU), {step['cached_vs_live_wall']:.2f} (wall); with "
+              f"fuse_task_loss false (host CE) {step['cached_vs_live_host_ce']:.2f} (CPU), "
+              f"{step['cached_vs_live_host_ce_wall']:.2f} (wall).", ""]
     return "\n".join(lines)
 
 
