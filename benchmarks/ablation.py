@@ -110,8 +110,8 @@ dkd_contrastive_attn:
       - {name: dkd, weight: 1.0, alpha: 1.0, beta: 2.0, temperature: 1.0}
       - {name: contrastive, weight: 0.5, layers: kept, proj_dim: 128, temperature: 0.07, max_tokens: 512}
       - {name: attention_relation, weight: 0.5, student_layer: -1, teacher_layer: -1, relations: [q, k]}
-full:
-  description: the full method -- the three terms above under gradient-aware scheduling (GradNorm); live teacher
+full_plain:
+  description: "the three terms above under plain GradNorm (every term balanced: it drives DKD's weight to ~0.1); live teacher"
   kd:
     ce_weight: 0.0
     terms:
@@ -119,6 +119,16 @@ full:
       - {name: contrastive, weight: 0.5, layers: kept, proj_dim: 128, temperature: 0.07, max_tokens: 512}
       - {name: attention_relation, weight: 0.5, student_layer: -1, teacher_layer: -1, relations: [q, k]}
     scheduler: {name: gradnorm, every: 10, alpha: 1.5, min_weight: 0.05, max_weight: 3.0, warmup_steps: auto}
+    shared_params: last_layer
+full:
+  description: "the full method: the three terms under GradNorm anchored on DKD (DKD keeps weight 1, GradNorm splits the alignment terms' total over training); chosen on the validation split; live teacher"
+  kd:
+    ce_weight: 0.0
+    terms:
+      - {name: dkd, weight: 1.0, alpha: 1.0, beta: 2.0, temperature: 1.0}
+      - {name: contrastive, weight: 0.5, layers: kept, proj_dim: 128, temperature: 0.07, max_tokens: 512}
+      - {name: attention_relation, weight: 0.5, student_layer: -1, teacher_layer: -1, relations: [q, k]}
+    scheduler: {name: gradnorm, anchor: dkd, every: 10, alpha: 1.5, min_weight: 0.05, max_weight: 3.0, warmup_steps: auto}
     shared_params: last_layer
 """
 
@@ -666,7 +676,8 @@ def _summarise(args, rows, records, signature, teacher_eval, params, speed, kept
     table, missing = _row_table(args.rows, args.seeds, records, signature, rows)
     t, s = params["teacher"], params["student"]
     return {
-        "kind": "smoke run (--quick): pipeline check, not results" if args.quick else "ablation",
+        "kind": ("smoke run (--quick): pipeline check, not results" if args.quick
+                 else "validation split (choosing configurations)" if getattr(args, "eval_split", "heldout") == "validation" else "ablation"),
         "rows": table,
         "missing_runs": missing,
         "teacher": {**teacher_eval, "description": teacher_desc},

@@ -68,14 +68,14 @@ def test_rows_are_valid_kd_configs():
     ablation = _harness()
     rows = ablation.load_rows()
     assert list(rows) == ["untrained", "ce", "fkl", "dkd", "dkd_mse", "dkd_contrastive", "dkd_contrastive_attn",
-                          "full"]
+                          "full_plain", "full"]
     for name, row in rows.items():
         assert row["description"]
         if row["kd"] is not None:
             config = load_kd_config(ablation.resolve_kd_config(row["kd"], [0, 1, 20, 23, 24, 29], 30, steps=50))
             assert config.ce_weight in (0.0, 1.0)
     full = ablation.resolve_kd_config(rows["full"]["kd"], [0, 1, 20, 23, 24, 29], 30, steps=50)
-    assert full["scheduler"]["warmup_steps"] == 5
+    assert full["scheduler"]["warmup_steps"] == 5 and full["scheduler"]["anchor"] == "dkd"
     assert full["terms"][1]["layers"] == [[0, 0], [1, 19], [2, 22], [3, 23], [4, 28], [5, 29]]
     assert ablation.needs_live_teacher(rows["full"]["kd"]) and not ablation.needs_live_teacher(rows["dkd"]["kd"])
 
@@ -181,5 +181,5 @@ def test_candidate_rows_file_is_valid():
 
     ablation = _harness()
     rows = ablation.load_rows(ROOT / "benchmarks" / "ablation_candidates.yaml")
-    for name in ("full_anchor", "full_anchor_b1", "full_conflict"):
+    for name in ("full_anchor", "full_anchor_b1", "full_conflict", "fkl_align_anchor", "fkl_contrastive"):
         load_kd_config(ablation.resolve_kd_config(rows[name]["kd"], [0, 1, 20, 23, 24, 29], 30, steps=50))
