@@ -26,7 +26,9 @@ Setup (identical for every row; only the KD config differs):
 
 The rows (``ROWS_YAML`` below; the YAML is the exact KD config of each row). ``layers: kept`` becomes
 :func:`~kd_plugins.integrations.student.kept_layer_pairs` of the kept blocks; ``warmup_steps: auto`` becomes
-10 % of ``--steps``. Weights and temperatures are the library's documented defaults, not tuned on anything.
+10 % of ``--steps``. Weights and temperatures are the library's documented defaults; the ``full`` row's scheduler
+(GradNorm anchored on DKD) was chosen among the candidates of ``benchmarks/ablation_candidates.yaml`` on the
+validation split (``--eval-split validation``), never on the held-out split.
 
 Outputs (``--out-dir``, default ``docs/results``; ``--quick`` defaults to ``docs/results/ablation-smoke``):
 
@@ -34,7 +36,8 @@ Outputs (``--out-dir``, default ``docs/results``; ``--quick`` defaults to ``docs
   with the same setup skips the pairs already there (resume); a run with another setup signature (steps, data,
   student, ...) is kept in the file but not counted, and editing one row's KD config reruns only that row.
 * ``ablation.md`` / ``ablation.json`` -- the table (mean ± sample standard deviation over seeds) and the summary;
-* ``ablation_retention.png`` (top-1 retention per row) and, for the full-method row (seed = first seed),
+* ``ablation_retention.png`` (top-1 retention per row) and, for the full-method row (seed = first seed, from the
+  log history stored in ``ablation_runs.json``),
   ``ablation_full_kd_losses.png`` / ``_kd_weights.png`` / ``_kd_weighted.png`` via :mod:`kd_plugins.report`.
 
 Budget: after the first ``--probe-steps`` steps of a run, the measured seconds per step give a projected total
@@ -42,9 +45,9 @@ for everything still to do (printed); ``--max-minutes`` stops the harness: no ne
 end passes the cap, and a run in flight stops at the cap and is recorded as incomplete (not counted; a rerun
 redoes it).
 
-Measured cost (docs/results.md, "Ablation (issue 6)"): the defaults (8 rows x 3 seeds x 60 steps) project to
-~89 min at 1 thread on an idle core -- over the issue's 45 minutes; ``--seeds 0`` (~31 min) fits, and reruns
-with ``--seeds 0 1 2 --max-minutes 45`` complete the table over further sittings.
+Measured cost (docs/results.md, "Ablation (issue 6)"): one seed of all 9 rows x 60 steps takes ~17-19 min at 2
+threads on an otherwise idle 2-core machine, so the default 3 seeds take ~55 min: run them in sittings
+(``--max-minutes 45``); the harness resumes.
 
 Tests inject a tiny teacher and corpus through :func:`run` (``load_models`` and ``load_corpus`` parameters).
 """
@@ -403,7 +406,7 @@ def _run(args, load_models, load_corpus) -> dict:
         started, started_cpu = time.perf_counter(), time.process_time()
         if kd is not None:
             train = _train(student, kd, teacher if source == "live" else cache, tokenizer, lm_dataset(train_blocks),
-                           args, seed, work_dir / f"{row}-seed{seed}", budget)
+                           args, seed, work_dir / f"{row}-seed{seed}-{signature}", budget)
             record.update(train)
         else:
             record.update({"steps": 0, "train_seconds": 0.0, "seconds_per_step": None, "cpu_seconds_per_step": None,
@@ -435,7 +438,7 @@ def _run(args, load_models, load_corpus) -> dict:
     summary["row_configs"] = resolved  # the exact KD config of every row (layers and warm-up resolved)
     _write_json(out_dir / "ablation.json", summary)
     (out_dir / "ablation.md").write_text(_markdown(summary))
-    summary["plots"] = _plots(summary, work_dir, out_dir)
+    summary["plots"] = _plots(summary, out_dir)
     _write_json(out_dir / "ablation.json", summary)
     (out_dir / "ablation.md").write_text(_markdown(summary))
     clock.say(f"wrote {out_dir / 'ablation.md'} and .json; total {clock.elapsed() / 60:.1f} min")
@@ -749,7 +752,7 @@ def report_only(out_dir: Path, work_dir: Path) -> dict:
     summary["rows"], summary["missing_runs"] = _row_table(order, summary["setup"]["seeds"], records,
                                                           summary["setup"]["signature"], rows)
     summary["missing_runs"] = [m for m in summary["missing_runs"] if m[0] in summary["rows"]]
-    summary["plots"] = _plots(summary, work_dir, out_dir)
+    summary["plots"] = _plots(summary, out_dir)
     _write_json(out_dir / "ablation.json", summary)
     (out_dir / "ablation.md").write_text(_markdown(summary))
     print(_table(summary), flush=True)
@@ -826,7 +829,7 @@ def _markdown(summary: dict) -> str:
     return "\n".join(parts)
 
 
-def _plots(summary: dict, work_dir: Path, out_dir: Path) -> list[str]:
+def _plots(summary: dict, out_dir: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -858,10 +861,18 @@ def _plots(summary: dict, work_dir: Path, out_dir: Path) -> list[str]:
     plot_row = PLOT_ROW if PLOT_ROW in rows else (kd_rows[-1] if kd_rows else None)
     if plot_row is not None:
         seed = rows[plot_row]["seeds"][0]
-        run_dir = work_dir / f"{plot_row}-seed{seed}"
+        signature = summary["setup"]["signature"]
+        # the run's own log history, stored with its record (a work-dir folder can be overwritten by another setup)
+        history = next((r.get("log_history") for r in _load_records(out_dir / "ablation_runs.json")
+                        if r["row"] == plot_row and r["seed"] == seed and r.get("signature") == signature
+                        and r.get("complete")), None)
         with tempfile.TemporaryDirectory() as tmp:
+            run_dir = Path(tmp) / f"{plot_row}-seed{seed}"
+            run_dir.mkdir()
+            if history:
+                (run_dir / "trainer_state.json").write_text(json.dumps({"log_history": history}))
             try:
-                paths = write_report(run_dir, tmp)
+                paths = write_report(run_dir, Path(tmp) / "plots")
             except ReportError as exc:
                 print(f"[ablation] no loss/weight plots for {plot_row}: {exc}", flush=True)
                 paths = []

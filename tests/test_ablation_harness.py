@@ -181,5 +181,5 @@ def test_candidate_rows_file_is_valid():
 
     ablation = _harness()
     rows = ablation.load_rows(ROOT / "benchmarks" / "ablation_candidates.yaml")
-    for name in ("full_anchor", "full_anchor_b1", "full_conflict", "fkl_align_anchor", "fkl_contrastive"):
+    for name in ("full_anchor", "full_anchor_b1", "full_conflict", "fkl_align_anchor", "fkl_contrastive", "fkl_ce", "full_ce"):
         load_kd_config(ablation.resolve_kd_config(rows[name]["kd"], [0, 1, 20, 23, 24, 29], 30, steps=50))
