@@ -109,7 +109,7 @@ dkd_contrastive_attn:
   description: DKD + contrastive + MiniLMv2 attention-relation transfer (last block, q/k relations); live teacher
   kd:
     ce_weight: 0.0
-    terms:
+    terms: &three_terms  # reused by full_plain and full
       - {name: dkd, weight: 1.0, alpha: 1.0, beta: 2.0, temperature: 1.0}
       - {name: contrastive, weight: 0.5, layers: kept, proj_dim: 128, temperature: 0.07, max_tokens: 512}
       - {name: attention_relation, weight: 0.5, student_layer: -1, teacher_layer: -1, relations: [q, k]}
@@ -117,20 +117,14 @@ full_plain:
   description: "the three terms above under plain GradNorm (every term balanced: it drives DKD's weight to ~0.1); live teacher"
   kd:
     ce_weight: 0.0
-    terms:
-      - {name: dkd, weight: 1.0, alpha: 1.0, beta: 2.0, temperature: 1.0}
-      - {name: contrastive, weight: 0.5, layers: kept, proj_dim: 128, temperature: 0.07, max_tokens: 512}
-      - {name: attention_relation, weight: 0.5, student_layer: -1, teacher_layer: -1, relations: [q, k]}
+    terms: *three_terms
     scheduler: {name: gradnorm, every: 10, alpha: 1.5, min_weight: 0.05, max_weight: 3.0, warmup_steps: auto}
     shared_params: last_layer
 full:
   description: "the full method: the three terms under GradNorm anchored on DKD (DKD keeps weight 1, GradNorm splits the alignment terms' total over training); chosen on the validation split; live teacher"
   kd:
     ce_weight: 0.0
-    terms:
-      - {name: dkd, weight: 1.0, alpha: 1.0, beta: 2.0, temperature: 1.0}
-      - {name: contrastive, weight: 0.5, layers: kept, proj_dim: 128, temperature: 0.07, max_tokens: 512}
-      - {name: attention_relation, weight: 0.5, student_layer: -1, teacher_layer: -1, relations: [q, k]}
+    terms: *three_terms
     scheduler: {name: gradnorm, anchor: dkd, every: 10, alpha: 1.5, min_weight: 0.05, max_weight: 3.0, warmup_steps: auto}
     shared_params: last_layer
 """
