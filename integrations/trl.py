@@ -217,7 +217,17 @@ class KDTrainerMixin:
         kd_inputs = self._kd_model_inputs(inputs)  # before the host mutates inputs
         num_items = self._kd_num_items(inputs, num_items_in_batch)
         scaled_for_ga = self._kd_loss_is_scaled_for_ga(num_items)
-        mode = self._kd_student_mode(model, kd_inputs, return_outputs, num_items_in_batch, scaled_for_ga)
+        tokens, tokens_world = self._kd_num_tokens if scaled_for_ga else (None, 1.0)
+        batch = BatchContext.from_inputs(
+            labels=kd_inputs.get("labels"),
+            input_ids=kd_inputs.get("input_ids"),
+            attention_mask=kd_inputs.get("attention_mask"),
+            position_ids=kd_inputs.get("position_ids"),
+            num_items_in_batch=num_items if scaled_for_ga else None,
+            step=self.state.global_step,
+            num_tokens_in_batch=tokens,
+        )
+        mode = self._kd_student_mode(model, kd_inputs, batch, return_outputs, num_items_in_batch, scaled_for_ga)
         with self._kd_student_capture.recording():
             if mode == "host":
                 result = super().compute_loss(model, inputs, return_outputs=return_outputs,
@@ -239,16 +249,6 @@ class KDTrainerMixin:
         ga = max(1, int(getattr(self, "current_gradient_accumulation_steps", None)
                         or self.args.gradient_accumulation_steps))
         world = self._kd_world_factor(num_items) if scaled_for_ga else 1
-        tokens, tokens_world = self._kd_num_tokens if scaled_for_ga else (None, 1.0)
-        batch = BatchContext.from_inputs(
-            labels=kd_inputs.get("labels"),
-            input_ids=kd_inputs.get("input_ids"),
-            attention_mask=kd_inputs.get("attention_mask"),
-            position_ids=kd_inputs.get("position_ids"),
-            num_items_in_batch=num_items if scaled_for_ga else None,
-            step=self.state.global_step,
-            num_tokens_in_batch=tokens,
-        )
         if not all_finite(teacher_capture):
             if self.kd_config.on_nonfinite_teacher == "raise":
                 raise NonFiniteTeacherError(
@@ -296,7 +296,7 @@ class KDTrainerMixin:
     # (KDDistillationTrainer's host loss is a JSD on generated completions: never replaced).
     kd_host_loss_is_causal_lm_ce = True
 
-    def _kd_student_mode(self, model, kd_inputs, return_outputs, num_items_in_batch, scaled_for_ga) -> str:
+    def _kd_student_mode(self, model, kd_inputs, batch, return_outputs, num_items_in_batch, scaled_for_ga) -> str:
         """How the student runs this training step (``KDConfig.fuse_task_loss``):
 
         * ``"host"``: the host's own ``compute_loss`` (full LM head + its CE, metrics and normalisation);
@@ -326,9 +326,6 @@ class KDTrainerMixin:
         # see BatchContext.labels, which also cut packed-sequence boundaries -- fuse only when they agree
         from kd_plugins.functional import shift_labels
 
-        batch = BatchContext.from_inputs(labels=labels, input_ids=kd_inputs.get("input_ids"),
-                                         attention_mask=kd_inputs.get("attention_mask"),
-                                         position_ids=kd_inputs.get("position_ids"))
         host_targets = shift_labels(labels)
         if not torch.equal(batch.labels, host_targets):
             return "host"
