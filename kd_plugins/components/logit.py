@@ -82,25 +82,23 @@ class _FusedLogitTerm(DistillationTerm):
                 f"{type(self).__name__} needs the student's final hidden states and LM head weight, but the "
                 f"student capture of {student.info.name!r} has none"
             )
+        # the student side and the loss options, shared by the dense and the sparse (cached teacher) form
+        common = dict(
+            loss=self.loss_name,
+            loss_kwargs=self.loss_kwargs,
+            student_bias=student.lm_head_bias,
+            student_logit_scale=student.logit_scale,
+            student_softcap=student.logit_softcap,
+            temperature=self.temperature,
+            ignore_index=batch.ignore_index,
+            num_items_in_batch=batch.num_items_in_batch,
+            chunk_size=self.chunk_size,
+            return_task_loss=self._task_requested,
+        )
         if teacher.final_hidden is None and teacher.topk_logprobs is not None and teacher.topk_indices is not None:
             # offline teacher (top-k cache): the sparse bucket form, see kd_plugins.functional.sparse
-            out = sparse_linear_kd(
-                student.final_hidden,
-                student.lm_head_weight,
-                teacher.topk_logprobs,
-                teacher.topk_indices,
-                batch.labels,
-                loss=self.loss_name,
-                loss_kwargs=self.loss_kwargs,
-                student_bias=student.lm_head_bias,
-                student_logit_scale=student.logit_scale,
-                student_softcap=student.logit_softcap,
-                temperature=self.temperature,
-                ignore_index=batch.ignore_index,
-                num_items_in_batch=batch.num_items_in_batch,
-                chunk_size=self.chunk_size,
-                return_task_loss=self._task_requested,
-            )
+            out = sparse_linear_kd(student.final_hidden, student.lm_head_weight, teacher.topk_logprobs,
+                                   teacher.topk_indices, batch.labels, **common)
             return self._keep_task_loss(out)
         if teacher.final_hidden is None or teacher.lm_head_weight is None:
             raise ValueError(
@@ -114,19 +112,10 @@ class _FusedLogitTerm(DistillationTerm):
             teacher.final_hidden,
             teacher.lm_head_weight,
             batch.labels,
-            loss=self.loss_name,
-            loss_kwargs=self.loss_kwargs,
-            student_bias=student.lm_head_bias,
             teacher_bias=teacher.lm_head_bias,
-            student_logit_scale=student.logit_scale,
             teacher_logit_scale=teacher.logit_scale,
-            student_softcap=student.logit_softcap,
             teacher_softcap=teacher.logit_softcap,
-            temperature=self.temperature,
-            ignore_index=batch.ignore_index,
-            num_items_in_batch=batch.num_items_in_batch,
-            chunk_size=self.chunk_size,
-            return_task_loss=self._task_requested,
+            **common,
         )
         return self._keep_task_loss(out)
 
