@@ -482,3 +482,38 @@ def test_fused_dkd_confident_teacher_is_finite_and_exact():
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, torch.autograd.grad(reference, params)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_fused_jsd_tail_that_underflows_in_both_models_is_finite_and_exact(beta):
+    # vocabulary entries 30 logits below the rest at T=0.25 (scaled gap 120): p and q both underflow to exactly 0 in
+    # fp32, so log m would be -inf without the clamp; the entries must contribute 0, as in the log-space reference
+    inputs = make_linear_inputs(bias=True)
+    tail = torch.tensor([2, 5, 11])
+    with torch.no_grad():
+        inputs["student_bias"].index_fill_(0, tail, -30.0)
+    inputs["teacher_bias"] = inputs["teacher_bias"].index_fill(0, tail, -30.0)
+    options = dict(loss="generalized_jsd", loss_kwargs={"beta": beta}, temperature=0.25, chunk_size=4)
+    params = _student_params(inputs)
+    fused = fused_linear_kd(**inputs, **options)
+    grads = torch.autograd.grad(fused, params)
+    assert torch.isfinite(fused) and all(torch.isfinite(g).all() for g in grads)
+    reference = linear_kd_reference(**inputs, **options)
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(reference, params)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", [0, 1, 16])
+def test_fused_dkd_target_in_the_first_and_last_columns(target):
+    # the kernel reads the non-target log-sum-exp off column 0, or column 1 where the target is 0
+    inputs = make_linear_inputs(bias=True, dtype=torch.float64)
+    valid = inputs["labels"] != -100
+    inputs["labels"] = torch.where(valid, torch.full_like(inputs["labels"], target), inputs["labels"])
+    options = dict(loss="dkd", loss_kwargs={"alpha": 0.7, "beta": 3.0}, temperature=1.3, chunk_size=5)
+    params = _student_params(inputs)
+    fused = fused_linear_kd(**inputs, **options)
+    reference = linear_kd_reference(**inputs, **options)
+    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(fused, params), torch.autograd.grad(reference, params)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
