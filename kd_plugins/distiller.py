@@ -8,6 +8,7 @@ It never owns the student or the teacher: integrations capture their tensors and
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -167,7 +168,7 @@ class Distiller(nn.Module):
         Every rank must call this (or :meth:`skip_transfer`) once per micro-batch with the same ``reduce``
         arrangement: the collectives are issued in the same order on every rank.
         """
-        carrier = None
+        carrier, promised = None, None
         if isinstance(task_loss, str):
             if task_loss != "fused":
                 raise ValueError(f"task_loss={task_loss!r} is invalid; expected a tensor, None or 'fused'")
@@ -176,7 +177,10 @@ class Distiller(nn.Module):
                 raise ConfigError("task_loss='fused' needs a logit term that can carry the task loss (forward_kl, "
                                   "reverse_kl, generalized_jsd or dkd); pass the host's task loss instead")
             carrier = self.terms[label]
-            carrier.request_task_loss()
+            promised = self._carrier_weight_in_advance(label, batch.step, task_loss_scale)
+            carrier.request_task_loss(
+                grad_ratio=None if promised is None else self.config.ce_weight * task_loss_scale / promised
+            )
         losses = {label: term(student, teacher, batch) for label, term in self.terms.items()}
         if carrier is not None:
             task_loss = carrier.take_task_loss()
@@ -186,6 +190,8 @@ class Distiller(nn.Module):
         missing = set(losses) - set(weights)
         if missing:
             raise RuntimeError(f"scheduler {self.config.scheduler.name!r} returned no weight for {sorted(missing)}")
+        if promised is not None:
+            self._check_promised_weight(label, promised, weights[label], batch.step)
         device = _device_of(losses, task_loss, batch)
         transfer = torch.zeros((), device=device)
         for label, loss in losses.items():
@@ -226,6 +232,30 @@ class Distiller(nn.Module):
         zeros = {label: torch.zeros((), device=device) for label in self.terms}
         task = None if task_loss is None else torch.zeros((), device=device)
         self._schedule(batch.step, zeros, task, shared_params, reduce)
+
+    def _carrier_weight_in_advance(self, label: str, step: int, task_loss_scale: float) -> float | None:
+        """The carrier term's weight at ``step`` if the scheduler knows it before the losses (and the step needs
+        no gradient probe, which differentiates the term and the CE separately), else None. With it the fused CE
+        gradient is combined with the term's before the LM head."""
+        if not torch.is_grad_enabled() or self.scheduler.needs_gradients(step):
+            return None
+        advance = self.scheduler.weights_in_advance(step)
+        weight = None if advance is None else advance.get(label)
+        if isinstance(weight, Tensor):
+            weight = None if weight.requires_grad or weight.numel() != 1 else float(weight)
+        if weight is None or not math.isfinite(weight) or weight <= 0:
+            return None
+        return float(weight)
+
+    def _check_promised_weight(self, label: str, promised: float, got: float | Tensor, step: int) -> None:
+        value = float(got.detach()) if isinstance(got, Tensor) else float(got)
+        if isinstance(got, Tensor) and got.requires_grad or abs(value - promised) > 1e-9 * max(1.0, abs(promised)):
+            raise RuntimeError(
+                f"scheduler {self.config.scheduler.name!r} announced weight {promised!r} for term {label!r} at step "
+                f"{step} (weights_in_advance) but weights() returned {got!r}; the fused task-loss gradient was "
+                "combined with the announced weight. weights_in_advance must return exactly what weights() will, "
+                "or None"
+            )
 
     def _schedule(
         self,

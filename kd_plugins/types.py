@@ -236,6 +236,18 @@ class WeightScheduler(nn.Module):
     ) -> dict[str, float | Tensor]:
         raise NotImplementedError
 
+    def weights_in_advance(self, step: int) -> dict[str, float] | None:
+        """The weights :meth:`weights` will return at ``step``, when they are known before this step's losses and
+        gradients; None (the default) when they are not.
+
+        Optional, and only an optimisation: with ``task_loss="fused"`` the Distiller uses the carrier term's
+        weight to add the CE gradient to the KD gradient before both are projected through the student's LM
+        head (two head-sized matmuls per step fewer). It checks afterwards that :meth:`weights` returned the
+        announced weight and raises if not. Step-based ramps know their weights; the adaptive schedulers know
+        them on every step that is not an update step.
+        """
+        return None
+
     def metrics(self) -> dict[str, float]:
         """Optional scalars to log (e.g. gradient norms)."""
         return {}

@@ -243,3 +243,42 @@ def test_batch_context_padding():
     assert batch.sequence_ids.tolist() == [[0, 0, 0], [0, 0, -1]]
     assert batch.token_mask.tolist() == [[True, True, True], [True, True, False]]
     assert batch.labels.tolist() == [[2, 3, -100], [5, -100, -100]]
+
+
+def _logit_captures(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, 5, 6, generator=g, requires_grad=True)
+    head = torch.randn(11, 6, generator=g, requires_grad=True)
+    student = ModelCapture(info=STUDENT, final_hidden=hidden, lm_head_weight=head)
+    teacher = ModelCapture(info=TEACHER, final_hidden=torch.randn(2, 5, 8, generator=g),
+                           lm_head_weight=torch.randn(11, 8, generator=g))
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    labels[0, :2] = -100
+    batch = BatchContext.from_inputs(labels=labels, attention_mask=torch.ones(2, 5, dtype=torch.long), step=3)
+    return student, teacher, batch, (hidden, head)
+
+
+def test_fused_task_loss_with_weights_in_advance_equals_the_host_ce():
+    """Constant weights are known before the forward: the fused CE's gradient is combined with the DKD term's
+    before the LM head, and the step's loss and gradients are those of the host CE."""
+    from kd_plugins.functional import linear_ce_reference
+
+    config = KDConfig(ce_weight=0.8, terms=[{"name": "dkd", "weight": 0.5}])
+    distiller = Distiller(config, student=STUDENT, teacher=TEACHER)
+    student, teacher, batch, params = _logit_captures()
+    fused = distiller(student, teacher, batch, task_loss="fused", task_loss_scale=1.5)
+    got = torch.autograd.grad(fused.loss, params)
+    host_ce = 1.5 * linear_ce_reference(student.final_hidden, student.lm_head_weight, batch.labels)
+    host = distiller(student, teacher, batch, task_loss=host_ce)
+    torch.testing.assert_close(fused.loss, host.loss)
+    for x, y in zip(got, torch.autograd.grad(host.loss, params)):
+        torch.testing.assert_close(x, y)
+
+
+def test_a_scheduler_that_announces_a_wrong_weight_is_refused(monkeypatch):
+    config = KDConfig(ce_weight=1.0, terms=[{"name": "dkd", "weight": 0.5}])
+    distiller = Distiller(config, student=STUDENT, teacher=TEACHER)
+    monkeypatch.setattr(distiller.scheduler, "weights_in_advance", lambda step: {"dkd": 0.7})
+    student, teacher, batch, _ = _logit_captures()
+    with pytest.raises(RuntimeError, match=r"announced weight 0\.7 for term 'dkd' at step 3"):
+        distiller(student, teacher, batch, task_loss="fused")

@@ -457,3 +457,36 @@ def test_registered_by_default():
     names = kd_plugins.available_components()["scheduler"]
     assert {"gradnorm", "conflict", "dwa", "uncertainty"} <= set(names)
     assert names["gradnorm"] == "kd_plugins.components.dynamic_schedulers"
+
+
+# --- weights_in_advance ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", [
+    lambda base: schedulers.ConstantScheduler(base),
+    lambda base: schedulers.LinearScheduler(base, warmup_steps=4, start=0.2),
+    lambda base: schedulers.CosineScheduler(base, warmup_steps=4),
+    lambda base: GradNormScheduler(base, every=3, warmup_steps=2),
+    lambda base: ConflictScheduler(base, every=2),
+    lambda base: DynamicWeightAverageScheduler(base, every=3, warmup_steps=1),
+    lambda base: UncertaintyScheduler(base),
+], ids=["constant", "linear", "cosine", "gradnorm", "conflict", "dwa", "uncertainty"])
+def test_weights_in_advance_are_the_weights_of_the_step_or_none(build):
+    """What a scheduler announces before a step is exactly what weights() returns on it; the adaptive ones
+    announce nothing on their update steps (their weights depend on that step's losses or gradients)."""
+    shared = _shared()
+    scheduler = build({"a": 1.0, "b": 0.5})
+    announced = 0
+    for step in range(10):
+        advance = scheduler.weights_in_advance(step)
+        updates = getattr(scheduler, "_is_update_step", lambda s: False)(step)
+        losses = _quadratic_losses(shared, {"a": 3.0 + step, "b": 1.0, "task": 2.0})
+        weights, _ = _step(scheduler, step, losses, shared)
+        if isinstance(scheduler, UncertaintyScheduler) or updates:
+            assert advance is None
+            continue
+        announced += 1
+        assert advance.keys() == weights.keys()
+        for name in weights:
+            assert advance[name] == float(weights[name])
+    assert announced >= (0 if isinstance(scheduler, UncertaintyScheduler) else 5)

@@ -127,6 +127,15 @@ class AdaptiveScheduler(WeightScheduler):
         weights = self._cached()["weights"]
         return {k: weights[k] for k in losses}
 
+    def weights_in_advance(self, step: int) -> dict[str, float] | None:
+        """Known except on update steps (see the module docstring)."""
+        if step < self.warmup_steps:
+            ramp = linear_ramp(step, self.warmup_steps)
+            return {k: self.base_weights[k] * ramp for k in self.names}
+        if self._is_update_step(step):
+            return None
+        return dict(self._cached()["weights"])
+
     def metrics(self) -> dict[str, float]:
         return dict(self._cached()["metrics"])
 

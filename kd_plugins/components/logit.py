@@ -58,11 +58,17 @@ class _FusedLogitTerm(DistillationTerm):
         self.chunk_size = chunk_size
         self.loss_kwargs = {k: float(v) for k, v in loss_kwargs.items()}
         self._task_requested = False
+        self._task_grad_ratio: float | None = None
         self._task_loss: Tensor | None = None
 
-    def request_task_loss(self) -> None:
-        """Compute the student's CE alongside the next forward (see the class docstring)."""
-        self._task_requested, self._task_loss = True, None
+    def request_task_loss(self, grad_ratio: float | None = None) -> None:
+        """Compute the student's CE alongside the next forward (see the class docstring).
+
+        ``grad_ratio``: the caller's promise that the term's output and the CE are used only as
+        ``a * term + a * grad_ratio * ce``; their gradients are then combined before the LM head
+        (``task_grad_ratio`` of :func:`~kd_plugins.functional.fused.fused_linear_kd`). None: kept separate.
+        """
+        self._task_requested, self._task_grad_ratio, self._task_loss = True, grad_ratio, None
 
     def take_task_loss(self) -> Tensor:
         """The CE computed by the last forward after :meth:`request_task_loss` (then forgotten)."""
@@ -94,6 +100,7 @@ class _FusedLogitTerm(DistillationTerm):
             num_items_in_batch=batch.num_items_in_batch,
             chunk_size=self.chunk_size,
             return_task_loss=self._task_requested,
+            task_grad_ratio=self._task_grad_ratio if self._task_requested else None,
         )
         if teacher.final_hidden is None and teacher.topk_logprobs is not None and teacher.topk_indices is not None:
             # offline teacher (top-k cache): the sparse bucket form, see kd_plugins.functional.sparse
@@ -122,7 +129,7 @@ class _FusedLogitTerm(DistillationTerm):
     def _keep_task_loss(self, out: Tensor | tuple[Tensor, Tensor]) -> Tensor:
         if not self._task_requested:
             return out
-        self._task_requested = False
+        self._task_requested, self._task_grad_ratio = False, None
         loss, self._task_loss = out
         return loss
 

@@ -32,6 +32,10 @@ class ConstantScheduler(WeightScheduler):
         factor = self.ramp(step)
         return {name: self.base_weights[name] * factor for name in losses}
 
+    def weights_in_advance(self, step: int) -> dict[str, float]:
+        factor = self.ramp(step)
+        return {name: weight * factor for name, weight in self.base_weights.items()}
+
 
 class LinearScheduler(ConstantScheduler):
     """``r(step) = start + (1 - start) * min(1, step / warmup_steps)``."""

@@ -70,6 +70,7 @@ def fused_linear_kd(
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 1024,
     return_task_loss: bool = False,
+    task_grad_ratio: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Logit KD computed from hidden states and LM heads, chunk by chunk.
 
@@ -96,6 +97,12 @@ def fused_linear_kd(
         return_task_loss: also return the student's cross-entropy on ``labels`` (its own logits, temperature 1,
             same normaliser), computed from the same chunk projections: no second pass over the LM head. Costs one
             more ``chunk_size * V`` buffer and the CE's own gradient matmuls.
+        task_grad_ratio: with ``return_task_loss``, a promise that the two outputs are only used in
+            ``a * kd_loss + a * task_grad_ratio * ce_loss`` (any ``a``): then the CE's logit gradient is added to
+            the KD's, ``g_kd + ratio * g_ce``, before the one projection through the LM head -- two head-sized
+            matmuls instead of four, and one block-sized CE buffer instead of a chunk-sized one. ``backward``
+            checks the promise and raises if the outputs were weighted otherwise (or differentiated one at a
+            time, as a gradient probe does). None (default): the CE keeps its own gradient matmuls.
 
     Returns:
         0-dim fp32 loss, equal (up to float rounding) to :func:`linear_kd_reference`. Its gradients with
@@ -125,10 +132,21 @@ def fused_linear_kd(
         n_scratch=n_scratch,
         teacher_buffer=True,
         chunk_size=chunk_size,
-        task=(student_logit_scale, student_softcap) if return_task_loss else None,
+        task=_task_head(return_task_loss, task_grad_ratio, student_logit_scale, student_softcap),
     )
     out = _FusedLinearKD.apply(hidden_s, student_weight, student_bias, targets, plan, torch.is_grad_enabled())
     return _normalise_outputs(out, num_items_in_batch)
+
+
+def _task_head(return_task_loss, task_grad_ratio, scale, softcap):
+    """The ``task`` entry of a :class:`_ChunkPlan`: ``(scale, softcap, ratio)`` of the fused CE, or None."""
+    if task_grad_ratio is not None:
+        if not return_task_loss:
+            raise ValueError("task_grad_ratio only applies with return_task_loss=True")
+        if not (math.isfinite(task_grad_ratio) and task_grad_ratio >= 0):
+            raise ValueError(f"task_grad_ratio must be a finite number >= 0 or None, got {task_grad_ratio!r}")
+        task_grad_ratio = float(task_grad_ratio)
+    return (scale, softcap, task_grad_ratio) if return_task_loss else None
 
 
 def _normalise_outputs(out, num_items_in_batch):
@@ -221,7 +239,8 @@ class _ChunkPlan(NamedTuple):
     n_scratch: int
     teacher_buffer: bool
     chunk_size: int
-    task: tuple[float, float | None] | None = None  # (logit scale, softcap) of the student head: also the CE
+    # (logit scale, softcap, task_grad_ratio) of the student head: also the CE, see _task_head
+    task: tuple[float, float | None, float | None] | None = None
 
 
 class _FusedLinearKD(torch.autograd.Function):
@@ -235,7 +254,9 @@ class _FusedLinearKD(torch.autograd.Function):
     against ``targets``, from the same projection of each chunk: its gradient ``softmax(x) - onehot`` is kept in a
     second chunk buffer and turned into separate hidden-state / LM-head gradients, so ``backward`` can weight the
     KD and the CE outputs independently (the scheduler decides the KD weight after the forward; gradient probes
-    ask for one output at a time). Returns ``(kd, ce)`` then.
+    ask for one output at a time). Returns ``(kd, ce)`` then. When the caller knows the ratio of the two
+    weights in advance (``task_grad_ratio``), the CE gradient is instead added to the KD gradient block by block
+    and projected with it; ``backward`` then checks that ratio.
     """
 
     @staticmethod
@@ -255,7 +276,10 @@ class _FusedLinearKD(torch.autograd.Function):
         student_buf = torch.empty(rows, vocab, dtype=acc, device=device)
         teacher_buf = torch.empty(rows, vocab, dtype=acc, device=device) if plan.teacher_buffer else None
         scratch = [torch.empty(min(block_rows, rows), vocab, dtype=acc, device=device) for _ in range(plan.n_scratch)]
-        task = _TaskGrads(plan.task, hidden_s, weight_s, bias_s, rows, acc, need_h, need_w, need_b) if plan.task else None
+        task = None
+        if plan.task is not None:
+            task = _TaskGrads(plan.task, hidden_s, weight_s, bias_s, rows, min(block_rows, rows), acc, need_h, need_w,
+                              need_b)
 
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
@@ -263,15 +287,17 @@ class _FusedLinearKD(torch.autograd.Function):
             student = student_buf[: stop - start]
             teacher = plan.teacher_chunk(start, stop, None if teacher_buf is None else teacher_buf[: stop - start])
             _project_into(student, h, weight_s, bias_s)
-            if task is not None:  # before the KD kernel overwrites the logits
-                task.chunk(start, stop, student, targets[start:stop], block_rows, need_grad)
             # per block: losses, and d(loss)/d(raw student logits) written over the student logits
             for lo in range(0, stop - start, block_rows):
                 hi = min(lo + block_rows, stop - start)
+                if task is not None:  # before the KD kernel overwrites the logits
+                    task.block(start, lo, hi, student[lo:hi], targets[start + lo : start + hi], need_grad)
                 losses[start + lo : start + hi] = plan.block_loss(
                     student[lo:hi], _rows(teacher, lo, hi), targets[start + lo : start + hi],
                     [b[: hi - lo] for b in scratch], need_grad=need_grad,
                 )
+                if task is not None and task.ratio is not None and need_grad:
+                    task.add_to(student[lo:hi], lo, hi)
             if not need_grad:
                 continue
             grad_raw = student
@@ -298,18 +324,38 @@ class _FusedLinearKD(torch.autograd.Function):
             None if grad_w is None else grad_w.to(weight_s.dtype),
             None if grad_b is None else grad_b.to(bias_s.dtype),
         )
-        ctx.task_grads = None if task is None else task.finish(weight_s, bias_s)
+        task_grads = None if task is None else task.finish(weight_s, bias_s)
+        ctx.task_ratio = None if task is None else task.ratio
+        ctx.task_grads = None if ctx.task_ratio is not None else task_grads
         if task is None:
             return losses
         return losses, task.losses
 
     @staticmethod
     def backward(ctx, grad_output, grad_task=None):
+        if ctx.task_ratio is not None:  # the CE gradient is already inside ctx.grads, weighted by the ratio
+            _check_task_ratio(grad_output, grad_task, ctx.task_ratio)
         grads = _scaled_grads(ctx.grads, grad_output)
         if ctx.task_grads is not None and grad_task is not None:
             task = _scaled_grads(ctx.task_grads, grad_task)
             grads = tuple(g if t is None else (t if g is None else g + t) for g, t in zip(grads, task))
         return (*grads, None, None, None)
+
+
+def _check_task_ratio(grad_kd: Tensor, grad_task: Tensor | None, ratio: float) -> None:
+    """``backward`` of a call with ``task_grad_ratio``: the CE output's gradient must be ``ratio`` times the KD
+    output's (up to float rounding), token by token, or the combined gradient would be wrong."""
+    if grad_task is None:
+        grad_task = torch.zeros_like(grad_kd)
+    expected = grad_kd * ratio
+    if not torch.allclose(grad_task, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()) if expected.numel() else 0.0):
+        got = grad_task.abs().max() / grad_kd.abs().max().clamp_min(torch.finfo(grad_kd.dtype).tiny)
+        raise RuntimeError(
+            f"fused_linear_kd was called with task_grad_ratio={ratio:g}, so the KD and CE gradients were combined "
+            f"before the LM head, but backward received CE / KD output gradients in the ratio {float(got):g}. Use "
+            "the outputs only as a * kd + a * task_grad_ratio * ce, or pass task_grad_ratio=None when the "
+            "weights are not known before the forward (or the outputs are differentiated separately)"
+        )
 
 
 def _scaled_grads(grads, grad_output):
@@ -334,28 +380,39 @@ def _scaled_grads(grads, grad_output):
 
 class _TaskGrads:
     """The student's own cross-entropy inside the fused loop: per-token ``lse(x) - x[target]`` of the model's
-    logits ``x = softcap(scale * raw)`` (temperature 1) and, when gradients are needed, ``d CE / d raw`` in its own
-    chunk buffer, projected to separate hidden-state / LM-head / bias gradients."""
+    logits ``x = softcap(scale * raw)`` (temperature 1) and, when gradients are needed, ``d CE / d raw``.
 
-    def __init__(self, head, hidden_s, weight_s, bias_s, rows, acc, need_h, need_w, need_b):
-        self.scale, self.softcap = head
+    Without a ratio the gradient is kept in its own chunk buffer and projected to separate hidden-state / LM-head
+    / bias gradients. With ``ratio`` (``task_grad_ratio``) it lives in a block-sized buffer and :meth:`add_to`
+    adds ``ratio *`` it to the KD gradient of the same block, so it is projected together with the KD's."""
+
+    def __init__(self, head, hidden_s, weight_s, bias_s, rows, block_rows, acc, need_h, need_w, need_b):
+        self.scale, self.softcap, self.ratio = head
         n, vocab, device = hidden_s.shape[0], weight_s.shape[0], hidden_s.device
         self.acc, self.dtype = acc, hidden_s.dtype
         self.losses = torch.empty(n, dtype=acc, device=device)
-        self.buf = torch.empty(rows, vocab, dtype=acc, device=device)
+        self.buf = torch.empty(rows if self.ratio is None else block_rows, vocab, dtype=acc, device=device)
+        if self.ratio is not None:  # projected with the KD gradient: none of its own
+            need_h = need_w = need_b = False
         self.need_h, self.need_w, self.need_b = need_h, need_w, need_b
         self.grad_h = torch.empty_like(hidden_s) if need_h else None
         self.grad_w = torch.empty(weight_s.shape, dtype=acc, device=device) if need_w else None
         self.grad_b = torch.zeros(bias_s.shape, dtype=acc, device=device) if need_b else None
         self.first = True
 
-    def chunk(self, start, stop, raw, targets, block_rows, need_grad):
-        """Per-token CE of rows ``start:stop`` from their raw logits ``raw`` (left unchanged)."""
-        x = self.buf[: stop - start]
+    def _rows(self, lo, hi):
+        return self.buf[lo:hi] if self.ratio is None else self.buf[: hi - lo]
+
+    def block(self, start, lo, hi, raw, targets, need_grad):
+        """Per-token CE of chunk rows ``lo:hi`` (the chunk starts at row ``start``) from their raw logits ``raw``
+        (left unchanged); ``d CE / d raw`` kept in this object's buffer."""
+        x = self._rows(lo, hi)
         x.copy_(raw)
-        for lo in range(0, stop - start, block_rows):
-            hi = min(lo + block_rows, stop - start)
-            self.losses[start + lo : start + hi] = self._block(x[lo:hi], targets[lo:hi], need_grad)
+        self.losses[start + lo : start + hi] = self._block(x, targets, need_grad)
+
+    def add_to(self, grad_raw, lo, hi):
+        """``grad_raw += ratio * d CE / d raw`` for chunk rows ``lo:hi``."""
+        grad_raw.add_(self._rows(lo, hi), alpha=self.ratio)
 
     def _block(self, x, targets, need_grad):
         _scale_(x, self.scale)

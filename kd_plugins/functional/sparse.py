@@ -49,6 +49,7 @@ from kd_plugins.functional.fused import (
     _normalise_outputs,
     _project,
     _scale_,
+    _task_head,
 )
 from kd_plugins.functional.logit import _check_loss_options
 
@@ -74,6 +75,7 @@ def sparse_linear_kd(
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 1024,
     return_task_loss: bool = False,
+    task_grad_ratio: float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Logit KD against a top-k teacher, from the student's hidden states and LM head, chunk by chunk.
 
@@ -84,7 +86,8 @@ def sparse_linear_kd(
         topk_indices: ``(..., k)`` their token ids (distinct per position), any integer dtype.
         labels: ``(...)`` targets aligned with positions; ``ignore_index`` positions are skipped.
         loss, loss_kwargs, student_bias, student_logit_scale, student_softcap, temperature, ignore_index,
-        num_items_in_batch, chunk_size, return_task_loss: as in :func:`~kd_plugins.functional.fused_linear_kd`.
+        num_items_in_batch, chunk_size, return_task_loss, task_grad_ratio: as in
+            :func:`~kd_plugins.functional.fused_linear_kd`.
 
     Returns:
         0-dim fp32 loss (the bucket formulas in the module docstring), equal to :func:`sparse_kd_reference`;
@@ -109,7 +112,7 @@ def sparse_linear_kd(
         n_scratch=0 if student_softcap is None else 1,
         teacher_buffer=False,
         chunk_size=chunk_size,
-        task=(student_logit_scale, student_softcap) if return_task_loss else None,
+        task=_task_head(return_task_loss, task_grad_ratio, student_logit_scale, student_softcap),
     )
     out = _FusedLinearKD.apply(hidden_s, student_weight, student_bias, targets, plan, torch.is_grad_enabled())
     return _normalise_outputs(out, num_items_in_batch)

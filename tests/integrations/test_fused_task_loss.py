@@ -48,12 +48,12 @@ def _texts():
 
 
 def _one_sgd_step(tmp_path, *, fuse, terms, ce_weight=1.0, scheduler="constant", batch=2, ga=4, teacher=None,
-                  trainer_cls=_SFT, dataset=None):
+                  trainer_cls=_SFT, dataset=None, max_steps=1):
     torch.manual_seed(0)
     student = tiny_model("llama", seed=0)
     if teacher is None:
         teacher = tiny_model("llama", seed=1, hidden=48, layers=3, heads=4, kv_heads=2)
-    args = sft_args(tmp_path, max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
+    args = sft_args(tmp_path, max_steps=max_steps, per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
                     optim="sgd", learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, logging_steps=1)
     extra = {}
     if trainer_cls is _Plain:
@@ -112,6 +112,43 @@ def test_fused_ce_equals_host_ce_under_grad_accumulation(tmp_path, loss):
     (num_items_in_batch normalisation), temperature != 1 for the KD term (the CE stays at temperature 1)."""
     terms = [{"name": loss, "weight": 0.6, "temperature": 2.0}, {"name": "mse", "weight": 0.7, "layers": "uniform"}]
     _compare(tmp_path, "fused", terms=terms, ce_weight=0.8, keys=("loss", "kd/transfer", f"kd/loss/{loss}"))
+
+
+@pytest.fixture
+def grad_ratios(monkeypatch):
+    """The ``task_grad_ratio`` of every fused logit-term call, in order."""
+    import kd_plugins.components.logit as logit_module
+
+    seen = []
+    real = logit_module.fused_linear_kd
+
+    def recording(*args, **kwargs):
+        if kwargs.get("return_task_loss"):
+            seen.append(kwargs.get("task_grad_ratio"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(logit_module, "fused_linear_kd", recording)
+    return seen
+
+
+def test_constant_weights_combine_the_ce_gradient_before_the_lm_head(tmp_path, grad_ratios):
+    """With weights known before the forward (constant scheduler) the CE gradient is added to the KD gradient
+    with ratio ce_weight / weight and projected once; the step still equals the host's."""
+    _compare(tmp_path, "fused", terms=DKD_MSE, ce_weight=0.8, ga=2, batch=4)
+    assert grad_ratios == [pytest.approx(0.8 / 0.4)] * 2
+
+
+def test_gradnorm_combines_only_between_its_update_steps(tmp_path, grad_ratios):
+    """gradnorm (every=2) probes the terms separately on its update steps (0 and 2): no combination there; on
+    steps 1 and 3 its stored weights are known in advance and the gradients are combined. Four optimizer steps
+    equal the host path's, weights included."""
+    scheduler = {"name": "gradnorm", "every": 2}
+    fused_log, _ = _compare(tmp_path, "fused", terms=DKD_MSE, scheduler=scheduler, ga=1, batch=4, max_steps=4,
+                            keys=("loss", "kd/transfer", "kd/weight/dkd", "kd/weight/mse"))
+    assert [r is None for r in grad_ratios] == [True, False, True, False]
+    # step 1 reuses the weights set on step 0 (the first log entry); ce_weight is 1
+    assert fused_log["kd/weight/dkd"] != pytest.approx(0.4)  # gradnorm moved it, so the ratio is not the base one
+    assert grad_ratios[1] == pytest.approx(1.0 / fused_log["kd/weight/dkd"], rel=1e-4)
 
 
 def test_fused_ce_with_conflict_probe(tmp_path):
