@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     print(f"(a) logit losses, N in {sizes}", flush=True)
     logit = bench_logit_losses.bench(sizes, repeats, args.threads)
     print("(b)+(c) training step", flush=True)
-    step = bench_training_step.bench(1 if args.quick else 2, args.threads)
+    step = bench_training_step.bench(1 if args.quick else 3, args.threads)
     result = {
         "command": "benchmarks/run_all.py" + (" --quick" if args.quick else ""),
         "torch": torch.__version__, "machine": platform.machine(), "threads": args.threads,

@@ -220,8 +220,8 @@ def linear_kd_reference(
 # The elementwise work (loss kernels, the CE, the generic engine) runs on row blocks of about this many logits
 # (24 MiB in fp32, 128 rows at V=49152), while the matmuls run on whole chunks: the block's scratch buffers are
 # reused and its temporaries come from the allocator's free lists instead of fresh page-faulted memory (on CPU
-# that costs more than the arithmetic). Measured at N=4k on 2 cores, blocks of 8 to 128 rows were within noise
-# of each other; whole 1024-row chunks were slower for every loss.
+# that costs more than the arithmetic). Measured at N=4k on 2 cores, blocks of 8 to 128 rows were within
+# run-to-run noise of each other.
 _BLOCK_ELEMENTS = 6 << 20
 
 
