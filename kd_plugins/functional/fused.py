@@ -535,15 +535,19 @@ def _analytic_block(student, teacher, targets, scratch, *, temperature, need_gra
         kept.copy_(student)
         student.mul_(softcap / temperature)
     losses = kernel(student, teacher, targets, scratch, need_grad=need_grad, **options)
+    factor = 1.0
+    if isinstance(losses, tuple):  # (losses, a constant factor the kernel left out of its gradient)
+        losses, factor = losses
     if need_grad:
-        _scale_(student, temperature * scale)
+        _scale_(student, temperature * scale * factor)
         if softcap is not None:
             student.mul_(kept.mul_(kept).neg_().add_(1.0))
     return losses.mul_(temperature**2)
 
 
 # --- analytic loss kernels: logits z (student) and y (teacher) at T=1, rows of a block --------------------------
-# Each returns the per-token loss and, when ``need_grad``, writes dL/dz over ``z``. Buffers are overwritten.
+# Each returns the per-token loss and, when ``need_grad``, writes dL/dz over ``z``, or ``(loss, c)`` having written
+# dL/dz / c (a constant ``c`` is folded into the chain rule's scaling pass). Buffers are overwritten.
 
 
 def _forward_kl_kernel(z, y, targets, scratch, *, need_grad):
@@ -576,7 +580,7 @@ def _reverse_kl_kernel(z, y, targets, scratch, *, need_grad):
 def _generalized_jsd_kernel(z, y, targets, scratch, *, need_grad, beta=0.5):
     """``beta * KL(q || m) + (1 - beta) * KL(p || m)``, ``m = beta q + (1 - beta) p``. ``dL/dp_j = (1 - beta) *
     (log p_j - log m_j)`` (the ``q/m`` terms cancel), so ``dL/dz = (1 - beta) * p * (r - KL(p || m))`` with
-    ``r = log p - log m``.
+    ``r = log p - log m``; the factor ``1 - beta`` is returned for the caller's scaling pass.
 
     ``m`` is formed in probability space (one ``lerp``) and its log taken once -- fewer full-vocabulary passes
     than ``logaddexp`` of the two log-probabilities. ``m`` is clamped to the smallest normal float before the
@@ -594,11 +598,12 @@ def _generalized_jsd_kernel(z, y, targets, scratch, *, need_grad, beta=0.5):
     torch.lerp(z, y, beta, out=log_m).clamp_min_(torch.finfo(log_m.dtype).tiny).log_()
     kl_teacher = y.mul_(log_q.sub_(log_m)).sum(-1)  # y, log_q are free after this
     log_p.sub_(log_m)  # r = log p - log m
-    kl_student = torch.mul(z, log_p, out=log_q).sum(-1)
+    p_r = torch.mul(z, log_p, out=log_q)
+    kl_student = p_r.sum(-1)
     losses = kl_teacher.mul_(beta).add_(kl_student, alpha=1.0 - beta)
-    if need_grad:
-        z.mul_(log_p.sub_(kl_student.unsqueeze(-1))).mul_(1.0 - beta)
-    return losses
+    if need_grad:  # p * r - p * KL(p || m) in one pass; the factor (1 - beta) is applied by the caller
+        torch.addcmul(p_r, z, kl_student.unsqueeze(-1), value=-1.0, out=z)
+    return losses, 1.0 - beta
 
 
 def _dkd_kernel(z, y, targets, scratch, *, need_grad, alpha=1.0, beta=2.0):
