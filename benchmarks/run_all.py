@@ -1,6 +1,6 @@
 """Run every kd_plugins performance benchmark: one command, a printed table, JSON in benchmarks/results/.
 
-    .venv/bin/python benchmarks/run_all.py           # logit losses at N = 1k, 4k, 16k + training steps (~20 min)
+    .venv/bin/python benchmarks/run_all.py           # logit losses at N = 1k, 4k, 16k + training steps (~13 min)
     .venv/bin/python benchmarks/run_all.py --quick   # logit losses at N = 1k only, 1 round each (~5 min)
 
 (a) ``bench_logit_losses.py``: fused logit losses vs naive vs TRL's ChunkedDivergenceFunction vs the matmul
