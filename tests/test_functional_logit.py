@@ -288,6 +288,18 @@ def _student_params(inputs):
     return [inputs[k] for k in ("student_hidden", "student_weight", "student_bias") if k in inputs]
 
 
+def _assert_fused_equals_reference(inputs, options, *, tol=(1e-5, 1e-6), grad_tol=(1e-4, 1e-6)):
+    """Value and student gradients of fused_linear_kd against linear_kd_reference; both must be finite."""
+    params = _student_params(inputs)
+    fused = fused_linear_kd(**inputs, **options)
+    grads = torch.autograd.grad(fused, params)
+    assert torch.isfinite(fused) and all(torch.isfinite(g).all() for g in grads)
+    reference = linear_kd_reference(**inputs, **options)
+    torch.testing.assert_close(fused, reference, rtol=tol[0], atol=tol[1])
+    for got, want in zip(grads, torch.autograd.grad(reference, params)):
+        torch.testing.assert_close(got, want, rtol=grad_tol[0], atol=grad_tol[1])
+
+
 HEADS = {
     "plain": {},
     "scaled": {"student_logit_scale": 0.8, "teacher_logit_scale": 1.3},
@@ -458,13 +470,9 @@ def test_fused_generic_engine_fallback_matches_analytic(loss, head, monkeypatch)
 @pytest.mark.parametrize("beta", [0.0, 0.01, 0.99, 1.0])
 def test_fused_jsd_beta_extremes(beta):
     inputs = make_linear_inputs(bias=True)
-    options = dict(loss="generalized_jsd", loss_kwargs={"beta": beta}, temperature=0.7, chunk_size=3)
-    params = _student_params(inputs)
-    fused = fused_linear_kd(**inputs, **options)
-    reference = linear_kd_reference(**inputs, **options)
-    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
-    for got, want in zip(torch.autograd.grad(fused, params), torch.autograd.grad(reference, params)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    _assert_fused_equals_reference(
+        inputs, dict(loss="generalized_jsd", loss_kwargs={"beta": beta}, temperature=0.7, chunk_size=3)
+    )
 
 
 def test_fused_dkd_confident_teacher_is_finite_and_exact():
@@ -473,15 +481,7 @@ def test_fused_dkd_confident_teacher_is_finite_and_exact():
     # a teacher bias that puts p_t^T at 1 in fp32 for label 3 rows
     inputs["labels"] = torch.where(valid, torch.full_like(inputs["labels"], 3), inputs["labels"])
     inputs["teacher_bias"] = torch.zeros(17).index_fill(0, torch.tensor([3]), 120.0)
-    options = dict(loss="dkd", loss_kwargs={"alpha": 1.0, "beta": 2.0}, chunk_size=4)
-    params = _student_params(inputs)
-    fused = fused_linear_kd(**inputs, **options)
-    grads = torch.autograd.grad(fused, params)
-    reference = linear_kd_reference(**inputs, **options)
-    assert torch.isfinite(fused) and all(torch.isfinite(g).all() for g in grads)
-    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
-    for got, want in zip(grads, torch.autograd.grad(reference, params)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    _assert_fused_equals_reference(inputs, dict(loss="dkd", loss_kwargs={"alpha": 1.0, "beta": 2.0}, chunk_size=4))
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
@@ -493,15 +493,9 @@ def test_fused_jsd_tail_that_underflows_in_both_models_is_finite_and_exact(beta)
     with torch.no_grad():
         inputs["student_bias"].index_fill_(0, tail, -30.0)
     inputs["teacher_bias"] = inputs["teacher_bias"].index_fill(0, tail, -30.0)
-    options = dict(loss="generalized_jsd", loss_kwargs={"beta": beta}, temperature=0.25, chunk_size=4)
-    params = _student_params(inputs)
-    fused = fused_linear_kd(**inputs, **options)
-    grads = torch.autograd.grad(fused, params)
-    assert torch.isfinite(fused) and all(torch.isfinite(g).all() for g in grads)
-    reference = linear_kd_reference(**inputs, **options)
-    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
-    for got, want in zip(grads, torch.autograd.grad(reference, params)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    _assert_fused_equals_reference(
+        inputs, dict(loss="generalized_jsd", loss_kwargs={"beta": beta}, temperature=0.25, chunk_size=4)
+    )
 
 
 @pytest.mark.parametrize("target", [0, 1, 16])
@@ -510,10 +504,7 @@ def test_fused_dkd_target_in_the_first_and_last_columns(target):
     inputs = make_linear_inputs(bias=True, dtype=torch.float64)
     valid = inputs["labels"] != -100
     inputs["labels"] = torch.where(valid, torch.full_like(inputs["labels"], target), inputs["labels"])
-    options = dict(loss="dkd", loss_kwargs={"alpha": 0.7, "beta": 3.0}, temperature=1.3, chunk_size=5)
-    params = _student_params(inputs)
-    fused = fused_linear_kd(**inputs, **options)
-    reference = linear_kd_reference(**inputs, **options)
-    torch.testing.assert_close(fused, reference, rtol=1e-10, atol=1e-12)
-    for got, want in zip(torch.autograd.grad(fused, params), torch.autograd.grad(reference, params)):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    _assert_fused_equals_reference(
+        inputs, dict(loss="dkd", loss_kwargs={"alpha": 0.7, "beta": 3.0}, temperature=1.3, chunk_size=5),
+        tol=(1e-10, 1e-12), grad_tol=(1e-9, 1e-12),
+    )
