@@ -29,9 +29,11 @@ from typing import Sequence
 
 import torch
 
-# Chosen by the experiments recorded in docs/main_job.md.
+# Chosen by the experiments recorded in docs/main_job.md: forward KL + the student's CE at equal weight (the CE
+# comes from the forward-KL term's fused pass and its gradient is projected with the KD gradient, so it costs no
+# extra LM-head matmul) beat pure forward KL in the same 150 steps (67.6 % against 62.8 % top-1 retention).
 DEFAULT_KD_CONFIG = """\
-ce_weight: 0.0
+ce_weight: 1.0
 terms:
   - {name: forward_kl, weight: 1.0, temperature: 1.0}
 scheduler: {name: constant}
