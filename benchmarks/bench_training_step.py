@@ -20,7 +20,9 @@ Variants (all on the same batch, interleaved: round r runs every variant once in
 A KD step runs the student as the trainer integrations do with ``KDConfig.fuse_task_loss`` (the default): when a
 logit term is configured (``dkd``, ``full``, ``live``, ``cached``) the student runs its backbone only and its CE
 comes from the logit term's chunked pass (``Distiller(..., task_loss="fused")``), so the student's LM head runs
-once; otherwise the student's own forward computes the CE. The ``... (host CE)`` variants run the same steps with
+once, and wherever the scheduler knows the term's weight before the step (constant weights; gradnorm's ordinary
+steps) the CE gradient is projected together with the KD gradient (``WeightScheduler.weights_in_advance``);
+otherwise the student's own forward computes the CE. The ``... (host CE)`` variants run the same steps with
 ``fuse_task_loss: false`` (the student's full forward with CE, then the logit term's own pass over the head):
 the before/after of that optimisation, side by side in the same run.
 
