@@ -177,7 +177,7 @@ class Distiller(nn.Module):
                 raise ConfigError("task_loss='fused' needs a logit term that can carry the task loss (forward_kl, "
                                   "reverse_kl, generalized_jsd or dkd); pass the host's task loss instead")
             carrier = self.terms[label]
-            promised = self._carrier_weight_in_advance(label, batch.step, task_loss_scale)
+            promised = self._carrier_weight_in_advance(label, batch.step)
             carrier.request_task_loss(
                 grad_ratio=None if promised is None else self.config.ce_weight * task_loss_scale / promised
             )
@@ -233,7 +233,7 @@ class Distiller(nn.Module):
         task = None if task_loss is None else torch.zeros((), device=device)
         self._schedule(batch.step, zeros, task, shared_params, reduce)
 
-    def _carrier_weight_in_advance(self, label: str, step: int, task_loss_scale: float) -> float | None:
+    def _carrier_weight_in_advance(self, label: str, step: int) -> float | None:
         """The carrier term's weight at ``step`` if the scheduler knows it before the losses (and the step needs
         no gradient probe, which differentiates the term and the CE separately), else None. With it the fused CE
         gradient is combined with the term's before the LM head."""
@@ -249,7 +249,7 @@ class Distiller(nn.Module):
 
     def _check_promised_weight(self, label: str, promised: float, got: float | Tensor, step: int) -> None:
         value = float(got.detach()) if isinstance(got, Tensor) else float(got)
-        if isinstance(got, Tensor) and got.requires_grad or abs(value - promised) > 1e-9 * max(1.0, abs(promised)):
+        if (isinstance(got, Tensor) and got.requires_grad) or abs(value - promised) > 1e-9 * max(1.0, abs(promised)):
             raise RuntimeError(
                 f"scheduler {self.config.scheduler.name!r} announced weight {promised!r} for term {label!r} at step "
                 f"{step} (weights_in_advance) but weights() returned {got!r}; the fused task-loss gradient was "

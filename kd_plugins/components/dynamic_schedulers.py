@@ -108,8 +108,8 @@ class AdaptiveScheduler(WeightScheduler):
         if step < self.warmup_steps:
             if torch.is_grad_enabled():
                 self._observe(losses)
-            ramp = linear_ramp(step, self.warmup_steps)
-            return {k: self.base_weights[k] * ramp for k in losses}
+            ramped = self._warmup_weights(step)
+            return {k: ramped[k] for k in losses}
         if self._is_update_step(step):
             if self.uses_gradients and gradients is None:
                 raise RuntimeError(
@@ -130,11 +130,15 @@ class AdaptiveScheduler(WeightScheduler):
     def weights_in_advance(self, step: int) -> dict[str, float] | None:
         """Known except on update steps (see the module docstring)."""
         if step < self.warmup_steps:
-            ramp = linear_ramp(step, self.warmup_steps)
-            return {k: self.base_weights[k] * ramp for k in self.names}
+            return self._warmup_weights(step)
         if self._is_update_step(step):
             return None
         return dict(self._cached()["weights"])
+
+    def _warmup_weights(self, step: int) -> dict[str, float]:
+        """``base * linear ramp`` of every term during warm-up."""
+        ramp = linear_ramp(step, self.warmup_steps)
+        return {k: self.base_weights[k] * ramp for k in self.names}
 
     def metrics(self) -> dict[str, float]:
         return dict(self._cached()["metrics"])

@@ -345,10 +345,12 @@ class _FusedLinearKD(torch.autograd.Function):
 def _check_task_ratio(grad_kd: Tensor, grad_task: Tensor | None, ratio: float) -> None:
     """``backward`` of a call with ``task_grad_ratio``: the CE output's gradient must be ``ratio`` times the KD
     output's (up to float rounding), token by token, or the combined gradient would be wrong."""
+    if grad_kd.numel() == 0:  # no valid rows: nothing was combined
+        return
     if grad_task is None:
         grad_task = torch.zeros_like(grad_kd)
     expected = grad_kd * ratio
-    if not torch.allclose(grad_task, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()) if expected.numel() else 0.0):
+    if not torch.allclose(grad_task, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max())):
         got = grad_task.abs().max() / grad_kd.abs().max().clamp_min(torch.finfo(grad_kd.dtype).tiny)
         raise RuntimeError(
             f"fused_linear_kd was called with task_grad_ratio={ratio:g}, so the KD and CE gradients were combined "
