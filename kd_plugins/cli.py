@@ -7,7 +7,7 @@ Subcommands:
 * ``kd-plugins sft [trl sft arguments] [--kd_config KD.yaml] [--teacher_model_name_or_path PATH]`` -- TRL's
   ``trl sft`` with distillation; every ``trl sft`` argument and YAML key works, plus ``kd_config:`` (a path) or
   an inline ``kd:`` block and ``teacher_model_name_or_path:`` in the same ``--config`` YAML.
-* ``kd-plugins demo [...]`` -- the SmolLM2 demonstration (``kd_plugins.integrations.demo``).
+* ``kd-plugins demo [...]`` -- the SmolLM2 demonstration (``kd_plugins.recipes.main_job``).
 * ``kd-plugins cache-teacher --teacher PATH|smollm2 --data pydoc_topics|PATH --out DIR [--k 64] [--layers ...]``
   -- the offline teacher cache (``kd_plugins.integrations.teacher_cache``).
 """
@@ -21,7 +21,7 @@ from typing import Sequence
 
 _DELEGATED = {
     "sft": ("kd_plugins.integrations.sft_cli", "TRL's `trl sft` with distillation (all trl sft arguments + KD)"),
-    "demo": ("kd_plugins.integrations.demo", "the SmolLM2 distillation demo"),
+    "demo": ("kd_plugins.recipes.main_job", "the SmolLM2 distillation demo"),
     "cache-teacher": ("kd_plugins.integrations.teacher_cache", "run a teacher once and cache its top-k log-probs"),
     "report": ("kd_plugins.report", "plot per-term KD losses and scheduler weights of a run"),
 }

@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from kd_plugins.integrations.student import (  # noqa: E402
+from kd_plugins.recipes.student import (  # noqa: E402
     count_parameters,
     derive_student,
     kept_layer_pairs,

@@ -133,7 +133,7 @@ def layer_importance(teacher: nn.Module, calibration, metric: str = "block_influ
 
     ``block_influence``: ``1 - mean_t cos(h_in, h_out)`` (ShortGPT). ``angular``: ``mean_t arccos(cos) / pi``
     (Gromov et al.'s distance for a run of one block). Every calibration token counts (no padding mask): pass
-    full blocks of text, e.g. from :func:`kd_plugins.integrations.data.token_blocks`.
+    full blocks of text, e.g. from :func:`kd_plugins.recipes.data.token_blocks`.
     """
     if metric not in ("block_influence", "angular"):
         raise ValueError(f"metric={metric!r} is invalid; expected 'block_influence' or 'angular'")

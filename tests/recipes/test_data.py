@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("datasets")
 
-from kd_plugins.integrations.data import load_corpus, lm_dataset, split_corpus, token_blocks  # noqa: E402
+from kd_plugins.recipes.data import load_corpus, lm_dataset, split_corpus, token_blocks  # noqa: E402
 
 
 class _CharTokenizer:

@@ -14,7 +14,7 @@ from .conftest import tiny_model, tiny_tokenizer
 def test_demo_runs_end_to_end_on_a_tiny_teacher(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from kd_plugins.integrations import demo, models
+    from kd_plugins.recipes import main_job as demo, smollm2 as models
 
     teacher = tiny_model(layers=4, hidden=32, tie_word_embeddings=True).eval()
     monkeypatch.setattr(models, "load_smollm2", lambda dtype=torch.float32: (teacher, tiny_tokenizer()))
@@ -40,13 +40,12 @@ def test_demo_runs_end_to_end_on_a_tiny_teacher(tmp_path, monkeypatch):
 
 
 def test_embedded_kd_config_is_valid_and_kept_layers_resolve(tmp_path):
-    from kd_plugins.integrations.demo import DEFAULT_KD_CONFIG, _resolve_kd_config
-    from kd_plugins.integrations.trl import load_kd_config
+    from kd_plugins.recipes.main_job import DEFAULT_KD_CONFIG, load_main_job_kd_config
 
-    config = _resolve_kd_config(None, [0, 3, 5], 6, load_kd_config)
+    config = load_main_job_kd_config(None, [0, 3, 5], 6)
     assert config.terms
     path = tmp_path / "kd.yaml"
     path.write_text("ce_weight: 0.0\nterms:\n  - {name: cosine, weight: 0.1, layers: kept, projector: identity}\n")
-    config = _resolve_kd_config(str(path), [0, 3, 5], 6, load_kd_config)
+    config = load_main_job_kd_config(str(path), [0, 3, 5], 6)
     assert config.terms[0].options["layers"] == [[0, 2], [1, 4], [2, 5]]
     assert DEFAULT_KD_CONFIG.startswith("ce_weight")

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from kd_plugins.integrations.evaluation import (  # noqa: E402
+from kd_plugins.recipes.evaluation import (  # noqa: E402
     compare_generation_speed,
     evaluate_lm,
     generation_speed,

