@@ -155,6 +155,13 @@ def main(argv=None) -> None:
     state = {f"kd.{k}": v for k, v in trainer.distiller.kd_state_dict().items()}
     state.update({f"student.{k}": v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()})
     save_file(state, os.path.join(args.out, f"final_rank{rank}.safetensors"))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        # tear gloo down before interpreter exit: left to the atexit order, its threads can abort the process
+        # ("terminate called without an active exception", SIGABRT) after the run has finished
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
