@@ -319,9 +319,18 @@ class TeacherCache:
             raise IndexError(f"example {index} is not in the teacher cache ({len(self)} examples)")
         return self._rows(self._by_example[index])
 
-    def capture(self, inputs: Mapping[str, Any], *, layers: Iterable[int] = (), dtype: torch.dtype | None = None
-                ) -> ModelCapture:
-        """The teacher :class:`ModelCapture` of a causal-LM batch, from the cache.
+    @property
+    def info(self) -> ModelInfo:
+        """The cached teacher's :class:`~kd_plugins.ModelInfo` (the :class:`~kd_plugins.TeacherSource` contract)."""
+        return self.model_info
+
+    def capture(self, inputs: Mapping[str, Any], requirements: Requirements | None = None, *,
+                layers: Iterable[int] = (), dtype: torch.dtype | None = None) -> ModelCapture:
+        """The teacher :class:`ModelCapture` of a causal-LM batch, from the cache (a
+        :class:`~kd_plugins.TeacherSource`).
+
+        ``requirements`` (what the configured terms need; its ``teacher_layers`` are read from the cache, q/k/v are
+        refused) or, without it, ``layers``: the decoder blocks whose stored outputs to return.
 
         Each batch row's real tokens (``attention_mask``; for padding-free rows each ``position_ids`` segment)
         are looked up by content, so the batch may be shuffled, padded on either side, or packed. Padding
@@ -331,6 +340,9 @@ class TeacherCache:
             TeacherCacheError: a row (sequence) is not in the cache -- another dataset, or the trainer
                 truncated or changed the examples (e.g. ``max_length`` shorter than the cached examples).
         """
+        if requirements is not None:
+            self.check_requirements(requirements)
+            layers = requirements.teacher_layers
         input_ids = inputs["input_ids"]
         batch, length = input_ids.shape
         device = input_ids.device

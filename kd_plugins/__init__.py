@@ -21,7 +21,9 @@ from kd_plugins.types import (
     GradientProbe,
     ModelCapture,
     ModelInfo,
+    Normalizer,
     Requirements,
+    TeacherSource,
     WeightScheduler,
 )
 
@@ -40,9 +42,11 @@ __all__ = [
     "KDError",
     "ModelCapture",
     "ModelInfo",
+    "Normalizer",
     "PluginLoadError",
     "Requirements",
     "SchedulerConfig",
+    "TeacherSource",
     "TermConfig",
     "UnknownComponentError",
     "WeightScheduler",

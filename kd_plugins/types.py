@@ -8,7 +8,8 @@ LM head consumes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from enum import Enum
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -189,14 +190,51 @@ class BatchContext:
         )
 
 
+class Normalizer(str, Enum):
+    """What a transfer term's value is a mean over, so a host can scale it like its own loss.
+
+    * ``ITEMS``: a token *sum* divided by ``BatchContext.num_items_in_batch`` -- the host trainer's count of target
+      tokens over the whole gradient-accumulation window (and all ranks when it averages tokens across devices),
+      exactly like the host's cross-entropy. The built-in logit terms.
+    * ``TOKENS``: a token sum divided by ``BatchContext.num_tokens_in_batch`` -- the valid (``token_mask``) tokens of
+      the whole window, so every token weighs the same however the window is split. ``mse``, ``cosine``,
+      ``attention_relation``.
+    * ``BATCH``: a mean over this micro-batch, whatever it holds (the default; ``contrastive``, whose negatives are
+      the other tokens of the micro-batch, is one). Under gradient accumulation the host divides it by the number of
+      accumulation steps.
+
+    A term receives exactly the normaliser it declares: an ``ITEMS`` term's batch carries ``num_items_in_batch`` when
+    the host scales for accumulation (else None: a per-micro-batch mean), a ``TOKENS`` term's carries
+    ``num_tokens_in_batch``, and a ``BATCH`` term's carries neither.
+    """
+
+    ITEMS = "items"
+    TOKENS = "tokens"
+    BATCH = "batch"
+
+
 class DistillationTerm(nn.Module):
     """Base class of transfer terms (logit or alignment).
 
     A term owns its trainable parts (projectors, learnable temperatures). ``forward`` returns a 0-dim fp32
     loss, finite, and exactly 0 when nothing is valid in the batch.
+
+    Declared traits (class attributes; a subclass overrides what differs from the default). A host plans a step
+    from these alone, so a third party's term is planned exactly like a built-in:
+
+    Attributes:
+        family: ``"logit"`` or ``"alignment"``: the registry family (informational; set by the built-in bases).
+        normalizer: a :class:`Normalizer` -- what the loss is a mean over (default ``BATCH``: a per-micro-batch
+            mean). Declare ``TOKENS`` for a token mean that divides by ``batch.num_tokens_in_batch`` when it is given,
+            ``ITEMS`` for a token sum over ``batch.num_items_in_batch`` like the host's cross-entropy.
+        carries_task_loss: the term can compute the student's causal-LM cross-entropy in its own pass over the LM
+            head (default False). Such a term implements :meth:`forward_with_task_loss`; a host then runs the
+            student's backbone only and takes the CE from the term (``KDConfig.fuse_task_loss``).
     """
 
     family: str = ""
+    normalizer: Normalizer = Normalizer.BATCH
+    carries_task_loss: bool = False
 
     def requirements(self) -> Requirements:
         return Requirements()
@@ -204,9 +242,40 @@ class DistillationTerm(nn.Module):
     def forward(self, student: ModelCapture, teacher: ModelCapture, batch: BatchContext) -> Tensor:  # noqa: D401
         raise NotImplementedError
 
+    def forward_with_task_loss(
+        self, student: ModelCapture, teacher: ModelCapture, batch: BatchContext, *, task_grad_ratio: float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(loss, task_loss)``: this term's loss, as :meth:`forward` returns it, and the student's causal-LM
+        cross-entropy on ``batch.labels`` (temperature 1, the model's own logits, normalised like a logit term:
+        token sum over ``batch.num_items_in_batch``, or the mean over valid positions when it is None).
+
+        ``task_grad_ratio``: None, or the caller's promise that the two values are used only as
+        ``a * loss + a * task_grad_ratio * task_loss`` (any ``a``), so a fused implementation may add the CE's logit
+        gradient to the term's before projecting both through the LM head once. Only terms with
+        ``carries_task_loss = True`` implement this.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not carry the task loss (carries_task_loss = False)")
+
     def extra_metrics(self) -> dict[str, float]:
         """Optional scalars to log beside the loss (e.g. a learned temperature)."""
         return {}
+
+
+@runtime_checkable
+class TeacherSource(Protocol):
+    """Where the teacher's tensors of a batch come from: a live model, a PEFT student's own base (adapters off), or
+    an offline cache -- one contract, so a trainer has no per-source branches.
+
+    ``info`` is the teacher's :class:`ModelInfo`; ``capture(inputs, requirements)`` returns the
+    :class:`ModelCapture` of a causal-LM batch (the same keys the student gets: ``input_ids`` plus
+    ``attention_mask`` or padding-free ``position_ids``/``cu_seq_lens_*``), holding what ``requirements`` asks for,
+    computed without gradient.
+    """
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def capture(self, inputs: Mapping[str, Any], requirements: Requirements) -> ModelCapture: ...
 
 
 class WeightScheduler(nn.Module):
@@ -225,8 +294,18 @@ class WeightScheduler(nn.Module):
     ``reduce`` is a collective): decide what to probe from the scheduler's state, the step and values already
     returned by the probe or found in ``losses``, never from anything rank-local.
 
-    State is the module's ``state_dict()`` (buffers and parameters) plus anything returned by ``extra_state``.
+    State is the module's ``state_dict()`` (buffers and parameters).
+
+    Declared traits (class attributes, like :class:`DistillationTerm`'s):
+
+    Attributes:
+        reads_task_loss: whether the weights depend on the host's task (CE) loss -- its gradient in the probe
+            (``gradients.grad("task")``), as ``conflict`` does. Default True (the safe choice: the host computes its
+            CE every step). A scheduler that never reads it declares False, so that with ``ce_weight: 0`` a host can
+            run the student's backbone only, without the LM head and its cross-entropy.
     """
+
+    reads_task_loss: bool = True
 
     def needs_gradients(self, step: int) -> bool:
         return False
