@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import kd_plugins.functional.fused as fused_module
+from kd_plugins.functional import chunked, kernels
 from kd_plugins.functional import (
     dkd,
     forward_kl,
@@ -440,7 +440,7 @@ def test_fused_under_no_grad(loss):
 @pytest.mark.parametrize("head", ["scaled", "softcap_both"])
 def test_fused_row_blocks_inside_chunks(loss, head, monkeypatch):
     # elementwise work runs on row blocks of a chunk; force blocks of 2 rows inside chunks of 5
-    monkeypatch.setattr(fused_module, "_BLOCK_ELEMENTS", 2 * 17)
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 2 * 17)
     inputs = make_linear_inputs(bias=True)
     options = dict(loss=loss, loss_kwargs=LOSSES[loss][1], temperature=2.5, **HEADS[head])
     params = _student_params(inputs)
@@ -460,7 +460,7 @@ def test_fused_generic_engine_fallback_matches_analytic(loss, head, monkeypatch)
     params = _student_params(inputs)
     analytic = fused_linear_kd(**inputs, **options)
     analytic_grads = torch.autograd.grad(analytic, params)
-    monkeypatch.setattr(fused_module, "_ANALYTIC", {})
+    monkeypatch.setattr(kernels, "KERNELS", {})
     generic = fused_linear_kd(**inputs, **options)
     torch.testing.assert_close(analytic, generic, rtol=1e-5, atol=1e-6)
     for got, want in zip(analytic_grads, torch.autograd.grad(generic, params)):

@@ -125,9 +125,9 @@ def test_sparse_fused_matches_reference_values_and_grads(loss, head, chunk_size)
 
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_sparse_row_blocks(loss, monkeypatch):
-    import kd_plugins.functional.sparse as sparse_module
+    from kd_plugins.functional import chunked
 
-    monkeypatch.setattr(sparse_module, "_BLOCK_ELEMENTS", 2 * 17)
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 2 * 17)
     inputs = make_sparse_inputs()
     options = dict(loss=loss, loss_kwargs=LOSSES[loss], temperature=0.8, **HEADS["softcap"])
     fused = sparse_linear_kd(**inputs, chunk_size=5, **options)

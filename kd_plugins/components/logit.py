@@ -18,7 +18,7 @@ from torch import Tensor
 from kd_plugins.errors import IncompatibleModelsError
 from kd_plugins.functional._common import check_temperature
 from kd_plugins.functional.fused import fused_linear_kd
-from kd_plugins.functional.logit import _check_loss_options
+from kd_plugins.functional.logit import check_loss_options
 from kd_plugins.functional.sparse import sparse_linear_kd
 from kd_plugins.hookspecs import hookimpl
 from kd_plugins.types import BatchContext, DistillationTerm, ModelCapture, ModelInfo, Requirements
@@ -53,7 +53,7 @@ class _FusedLogitTerm(DistillationTerm):
         check_temperature(temperature)
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-        _check_loss_options(self.loss_name, loss_kwargs)
+        check_loss_options(self.loss_name, loss_kwargs)
         self.temperature = float(temperature)
         self.chunk_size = chunk_size
         self.loss_kwargs = {k: float(v) for k, v in loss_kwargs.items()}
