@@ -303,6 +303,10 @@ class TeacherCache:
             raise TeacherCacheError(f"{where} holds teacher layers {self.layers}, the run needs layers {missing}; "
                                     "rebuild it with --layers including them")
 
+    def prepare(self, requirements: Requirements) -> None:
+        """The :class:`~kd_plugins.TeacherSource` check before training: :meth:`check_requirements`."""
+        self.check_requirements(requirements)
+
     def check_requirements(self, requirements: Requirements) -> None:
         """Refuse a distillation setup the cache cannot serve (teacher q/k/v, layers not cached)."""
         if requirements.teacher_qkv_layers:

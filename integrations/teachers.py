@@ -1,39 +1,76 @@
-"""Teachers: resolve what the user passed (a model, a path, or ``"self"``) into a frozen teacher, and check that
-teacher and student can be distilled.
+"""Teachers: resolve what the user passed (a model, a path, ``"self"`` or a teacher cache) into one
+:class:`~kd_plugins.TeacherSource`, and check that teacher and student can be distilled.
 
-``"self"`` makes a PEFT student its own teacher: the frozen base model with the adapters disabled.
+``"self"`` makes a PEFT student its own teacher: the frozen base model with the adapters disabled. A live teacher
+(:class:`LiveTeacher`) and an offline :class:`~kd_plugins.integrations.teacher_cache.TeacherCache` answer the same
+``capture(inputs, requirements)`` call, so a trainer never branches on where the teacher's tensors come from.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from kd_plugins.capture import unwrap_model
+from kd_plugins.capture import FeatureCapture, run_backbone, unwrap_model
 from kd_plugins.errors import ConfigError, IncompatibleModelsError
-from kd_plugins.types import ModelInfo, Requirements
+from kd_plugins.types import ModelCapture, ModelInfo, Requirements, TeacherSource
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
-class Teacher:
-    """A resolved teacher.
+class LiveTeacher:
+    """A teacher model run on every batch (a :class:`~kd_plugins.TeacherSource`).
 
-    Attributes:
-        model: the teacher model; for ``self`` the PEFT student itself.
-        is_self: True when the teacher is the student's base with adapters disabled.
+    Args:
+        model: the frozen teacher; for ``is_self`` the PEFT student itself.
+        is_self: the teacher is the student's base model with its adapters disabled (``teacher="self"``).
+        info: its :class:`~kd_plugins.ModelInfo` (default: read from the model's config).
+
+    :meth:`capture` runs the model's forward without its LM head (``no_grad``, eval mode, adapters off for ``self``)
+    while forward hooks record what the requirements ask for; the hooks are attached by :meth:`prepare` (or the
+    first capture) and replaced when the requirements change.
     """
 
-    model: nn.Module
-    is_self: bool = False
+    def __init__(self, model: nn.Module, *, is_self: bool = False, info: ModelInfo | None = None):
+        self.model = model
+        self.is_self = is_self
+        self._info = info if info is not None else model_info(model, "teacher")
+        self._capture: FeatureCapture | None = None
+        self._requirements: Requirements | None = None
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def prepare(self, requirements: Requirements) -> None:
+        """Attach the forward hooks ``requirements`` need (raises :class:`~kd_plugins.IncompatibleModelsError` for a
+        module layout they cannot be read from), so a problem shows before the first training step."""
+        if self._capture is not None and requirements == self._requirements:
+            return
+        self.close()
+        self._capture = FeatureCapture(
+            self.model, info=self._info, layers=requirements.teacher_layers,
+            qkv_layers=requirements.teacher_qkv_layers, final_hidden=requirements.final_hidden,
+        )
+        self._requirements = requirements
+
+    def capture(self, inputs: Mapping[str, Any], requirements: Requirements) -> ModelCapture:
+        self.prepare(requirements)
+        with self.forward_context(), self._capture.recording():
+            run_backbone(self.model, inputs)
+            return self._capture.result()  # inside the context: a 'self' teacher's head has its adapters off
+
+    def close(self) -> None:
+        """Detach the forward hooks."""
+        if self._capture is not None:
+            self._capture.remove()
+        self._capture, self._requirements = None, None
 
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[None]:
@@ -58,12 +95,15 @@ def resolve_teacher(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     **from_pretrained_kwargs: Any,
-) -> Teacher:
-    """Turn ``teacher`` into a frozen, eval-mode :class:`Teacher` on the student's device.
+) -> TeacherSource:
+    """Turn ``teacher`` into a :class:`~kd_plugins.TeacherSource`: a frozen, eval-mode :class:`LiveTeacher` on the
+    student's device, or the given source itself.
 
     Args:
         teacher: an ``nn.Module``; a model path / hub id (loaded with ``AutoModelForCausalLM.from_pretrained``);
-            or ``"self"`` for a PEFT student whose base model (adapters disabled) is the teacher.
+            ``"self"`` for a PEFT student whose base model (adapters disabled) is the teacher; or anything that
+            already is a :class:`~kd_plugins.TeacherSource` (e.g. a
+            :class:`~kd_plugins.integrations.teacher_cache.TeacherCache`), returned as it is.
         student: the student model (its device and dtype are the defaults).
         dtype: ``auto`` (the student's dtype), ``float32``, ``bfloat16`` or ``float16``.
         trust_remote_code: passed to ``from_pretrained``; off unless you ask for it.
@@ -71,6 +111,8 @@ def resolve_teacher(
     Raises:
         ConfigError: ``"self"`` with a student that is not a PEFT model, or an unknown dtype.
     """
+    if isinstance(teacher, TeacherSource):
+        return teacher
     student_param = next(student.parameters())
     if dtype == "auto":
         target_dtype = student_param.dtype
@@ -85,7 +127,7 @@ def resolve_teacher(
                 "teacher='self' needs a PEFT student (its base model with adapters disabled is the teacher), but "
                 f"the student is a {type(student).__name__}; pass a teacher model or path, or add a peft_config"
             )
-        return Teacher(model=student, is_self=True)
+        return LiveTeacher(student, is_self=True)
 
     if isinstance(teacher, str):
         from transformers import AutoModelForCausalLM
@@ -107,7 +149,7 @@ def resolve_teacher(
         logger.info("kd_plugins: freezing %d trainable teacher parameter tensors", len(trainable))
     model.requires_grad_(False)
     model.eval()
-    return Teacher(model=model.to(device=student_param.device, dtype=target_dtype))
+    return LiveTeacher(model.to(device=student_param.device, dtype=target_dtype))
 
 
 def model_info(model: nn.Module, name: str) -> ModelInfo:

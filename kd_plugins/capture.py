@@ -3,7 +3,8 @@
 The host trainer runs the student forward however it likes (TRL's fused LM head returns neither logits nor
 hidden states); :class:`FeatureCapture` listens on the decoder blocks, the ``q/k/v`` projections and the final
 norm, and reads the LM head weights, so no second student forward and no full ``B x T x V`` logits are needed.
-:func:`run_backbone` runs only the decoder (no LM head) -- the teacher forward.
+:func:`run_backbone` runs a model without its LM head, through its own forward (so DDP / FSDP / PEFT wrappers see
+it): the teacher forward, and the student's when the logit terms project its head themselves.
 
 Duck-typed on the Hugging Face causal-LM layout (``get_decoder().layers[i].self_attn.{q,k,v}_proj`` and
 ``get_decoder().norm``); PEFT wrappers are unwrapped with ``get_base_model()``. Imports torch only.
@@ -12,6 +13,7 @@ Duck-typed on the Hugging Face causal-LM layout (``get_decoder().layers[i].self_
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
@@ -182,16 +184,37 @@ class FeatureCapture:
 
 
 def run_backbone(model: nn.Module, inputs: Mapping[str, Any]) -> Tensor:
-    """Run only the decoder backbone of ``model`` (no LM head, no logits) and return its last hidden state.
+    """Run ``model`` without its LM head (no logits) and return the decoder's last hidden state (after the final
+    norm).
 
-    ``inputs`` is a causal-LM batch; labels and loss keywords are dropped, padding-free keys
-    (``position_ids``, ``cu_seq_lens_q/k``, ``max_length_q/k``) are passed through. Call it under
-    ``torch.no_grad()`` for a teacher.
+    The forward goes through the model's own ``forward`` -- so a DDP / FSDP / PEFT wrapper sees it (DDP synchronises
+    gradients only for a forward that ran through it) -- with ``logits_to_keep`` an empty index tensor: the LM head
+    projects no position. A model whose forward takes no ``logits_to_keep`` runs its decoder directly, which is
+    refused for a wrapped model.
+
+    ``inputs`` is a causal-LM batch; labels and loss keywords are dropped, padding-free keys (``position_ids``,
+    ``cu_seq_lens_q/k``, ``max_length_q/k``) are passed through. Call it under ``torch.no_grad()`` for a teacher.
     """
-    decoder, _ = find_decoder(unwrap_model(model))
+    base = unwrap_model(model)
+    decoder, path = find_decoder(base)
     kwargs = {k: inputs[k] for k in BACKBONE_INPUT_KEYS if inputs.get(k) is not None}
-    output = decoder(**kwargs, use_cache=False)
-    return output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+    if _accepts_logits_to_keep(base):
+        recorded: list[Tensor] = []
+        handle = decoder.register_forward_hook(lambda module, args, output: recorded.append(_last_hidden(output)))
+        reference = next(iter(kwargs.values()), None)
+        nothing = torch.empty(0, dtype=torch.long, device=None if reference is None else reference.device)
+        try:
+            model(**kwargs, use_cache=False, logits_to_keep=nothing)
+        finally:
+            handle.remove()
+        return recorded[-1]
+    if base is not model:
+        raise IncompatibleModelsError(
+            f"{type(base).__name__}.forward has no 'logits_to_keep' argument, so its backbone can only run by calling "
+            f"'{path}' directly -- which bypasses the {type(model).__name__} wrapper (DDP would not synchronise "
+            "gradients). Set fuse_task_loss: false in the KD config to run the model's own loss instead"
+        )
+    return _last_hidden(decoder(**kwargs, use_cache=False))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -259,6 +282,17 @@ def lm_head_parameters(head: nn.Module) -> tuple[Tensor, Tensor | None]:
             if name in getattr(head, "lora_A", {}):
                 weight = weight + head.get_delta_weight(name)
     return weight, getattr(base, "bias", None)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _last_hidden(output) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
 
 
 def all_finite(capture: ModelCapture) -> bool:

@@ -8,7 +8,6 @@ It never owns the student or the teacher: integrations capture their tensors and
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from kd_plugins.config import KDConfig
 from kd_plugins.errors import ConfigError
+from kd_plugins.plan import HostFacts, StepPlan, StudentMode, plan_step
 from kd_plugins.plugins import family_of, get_component, get_plugin_manager
 from kd_plugins.types import (
     BatchContext,
@@ -36,8 +36,9 @@ class DistillOutput:
 
     Attributes:
         loss: ``ce_weight * task_loss + transfer`` (just ``transfer`` without a task loss); backpropagate this.
-        transfer: the weighted sum of transfer terms, plus the scheduler's ``regularizer()`` when it has one.
-        losses: ``{label: unweighted loss}``, detached.
+        transfer: the weighted sum of the (plan-scaled) transfer terms, plus the scheduler's ``regularizer(step=...)``
+            when it has one.
+        losses: ``{label: loss}`` as it enters the total (scaled by the step plan, not weighted), detached.
         weights: ``{label: weight}`` applied this step, as floats.
         metrics: extra scalars from terms and scheduler, ready to log.
         task_loss: the task loss used (detached): the one passed in, or the fused one (``task_loss="fused"``).
@@ -123,13 +124,12 @@ class Distiller(nn.Module):
             req = req.merge(term.requirements())
         return req
 
-    def task_loss_carrier(self) -> str | None:
-        """Label of the term that can compute the student's task (CE) loss in its own pass over the LM head
-        (the first logit term with ``can_fuse_task_loss``), or None. See ``forward(task_loss="fused")``."""
-        for label, term in self.terms.items():
-            if getattr(term, "can_fuse_task_loss", False):
-                return label
-        return None
+    def plan(self, facts: HostFacts, *, step: int = 0) -> StepPlan:
+        """This run's :class:`~kd_plugins.plan.StepPlan` for a micro-batch the host describes with ``facts``
+        (:func:`~kd_plugins.plan.plan_step` over the configured terms, scheduler, ``ce_weight`` and
+        ``fuse_task_loss``)."""
+        return plan_step(facts, terms=self.terms, scheduler=self.scheduler, ce_weight=self.config.ce_weight,
+                         fuse_task_loss=self.config.fuse_task_loss, step=step)
 
     # --- the step -----------------------------------------------------------------------------------------
 
@@ -139,66 +139,63 @@ class Distiller(nn.Module):
         teacher: ModelCapture,
         batch: BatchContext,
         *,
-        task_loss: Tensor | str | None = None,
+        plan: StepPlan | None = None,
+        task_loss: Tensor | None = None,
         shared_params: Iterable[Tensor] | None = None,
         reduce: Callable[[Tensor], Tensor] | None = None,
-        regularizer_scale: float = 1.0,
-        task_loss_scale: float = 1.0,
     ) -> DistillOutput:
-        """Compute every term, ask the scheduler for weights and combine.
+        """Compute every term as ``plan`` says, ask the scheduler for weights and combine.
 
         Args:
             student, teacher: captures of this batch (see :class:`ModelCapture`).
-            batch: shared per-batch facts (targets, masks, step, normaliser).
-            task_loss: the host's task loss (e.g. CE), already normalised like the host does it; or ``"fused"``:
-                the carrier term (:meth:`task_loss_carrier`) computes the student's causal-LM cross-entropy on
-                ``batch.labels`` (normalised by ``batch.num_items_in_batch`` like the logit terms) in the same
-                chunked pass over the student's LM head, so the host need not run the head at all.
+            batch: shared per-batch facts (targets, masks, step). Each term sees it with the normalisers the plan
+                gives it (:meth:`StepPlan.term_batch`).
+            plan: the step's :class:`~kd_plugins.plan.StepPlan` (:meth:`plan`); None: a plan from
+                :meth:`HostFacts.from_batch <kd_plugins.plan.HostFacts.from_batch>` -- every term gets the
+                normalisers ``batch`` carries, every scale is 1, and ``task_loss`` is the caller's.
+            task_loss: the host's task loss (e.g. CE), already normalised like the host does it, or None. With a
+                ``FUSED_CE`` plan the carrier term computes it instead (pass None).
             shared_params: student parameters for gradient-aware schedulers (only used on steps where the
                 scheduler asks for gradients).
             reduce: for data parallelism, a callable averaging a tensor across ranks (a collective; the
                 integration builds it from ``torch.distributed``). When given, the scheduler sees the rank-mean of
                 the detached term losses (one call per step) and of every probe gradient (one call per gradient
                 it asks for), so every rank computes the same weights. None: single process.
-            task_loss_scale: factor on a fused task loss (e.g. the host's data-parallel world factor).
-            regularizer_scale: factor on the scheduler's :meth:`~WeightScheduler.regularizer` in this call, so it
-                counts once per optimizer step (``1 / accumulation steps`` when the host does not divide the
-                returned loss by the accumulation steps itself).
+
+        Returns:
+            :class:`DistillOutput`: ``loss = ce_weight * task_loss + sum_i w_i * s_i * L_i + r * regularizer`` with
+            ``s_i`` the plan's term scales and ``r`` its regulariser scale; ``losses`` are the scaled ``s_i * L_i``
+            (what enters the total), detached.
 
         Every rank must call this (or :meth:`skip_transfer`) once per micro-batch with the same ``reduce``
         arrangement: the collectives are issued in the same order on every rank.
         """
-        carrier, promised = None, None
-        if isinstance(task_loss, str):
-            if task_loss != "fused":
-                raise ValueError(f"task_loss={task_loss!r} is invalid; expected a tensor, None or 'fused'")
-            label = self.task_loss_carrier()
-            if label is None:
-                raise ConfigError("task_loss='fused' needs a logit term that can carry the task loss (forward_kl, "
-                                  "reverse_kl, generalized_jsd or dkd); pass the host's task loss instead")
-            carrier = self.terms[label]
-            promised = self._carrier_weight_in_advance(label, batch.step)
-            carrier.request_task_loss(
-                grad_ratio=None if promised is None else self.config.ce_weight * task_loss_scale / promised
-            )
-        losses = {label: term(student, teacher, batch) for label, term in self.terms.items()}
-        if carrier is not None:
-            task_loss = carrier.take_task_loss()
-            if task_loss_scale != 1.0:
-                task_loss = task_loss * task_loss_scale
+        plan = self.plan(HostFacts.from_batch(batch), step=batch.step) if plan is None else plan
+        fused = self._check_plan(plan, batch, task_loss)
+        losses: dict[str, Tensor] = {}
+        for label, term in self.terms.items():
+            term_batch = plan.term_batch(label, batch)
+            if fused and label == plan.carrier:
+                loss, ce = term.forward_with_task_loss(student, teacher, term_batch, task_grad_ratio=plan.ce_grad_ratio)
+                task_loss = ce if plan.task_loss_scale == 1.0 else ce * plan.task_loss_scale
+            else:
+                loss = term(student, teacher, term_batch)
+            scale = plan.terms[label].scale
+            losses[label] = loss if scale == 1.0 else loss * scale
         weights = self._schedule(batch.step, losses, task_loss, shared_params, reduce)
         missing = set(losses) - set(weights)
         if missing:
             raise RuntimeError(f"scheduler {self.config.scheduler.name!r} returned no weight for {sorted(missing)}")
-        if promised is not None:
-            self._check_promised_weight(label, promised, weights[label], batch.step)
+        if plan.ce_grad_ratio is not None:
+            self._check_promised_weight(plan.carrier, plan.carrier_weight, weights[plan.carrier], batch.step)
         device = _device_of(losses, task_loss, batch)
         transfer = torch.zeros((), device=device)
         for label, loss in losses.items():
             transfer = transfer + weights[label] * loss
-        regularizer = self.scheduler.regularizer()
+        regularizer = self.scheduler.regularizer(step=batch.step)
         if regularizer is not None:
-            transfer = transfer + (regularizer if regularizer_scale == 1.0 else regularizer_scale * regularizer)
+            scale = plan.regularizer_scale
+            transfer = transfer + (regularizer if scale == 1.0 else scale * regularizer)
         total = transfer if task_loss is None else self.config.ce_weight * task_loss + transfer
         float_weights = {k: float(weights[k].detach() if isinstance(weights[k], Tensor) else weights[k]) for k in losses}
         detached = {k: v.detach() for k, v in losses.items()}
@@ -233,19 +230,24 @@ class Distiller(nn.Module):
         task = None if task_loss is None else torch.zeros((), device=device)
         self._schedule(batch.step, zeros, task, shared_params, reduce)
 
-    def _carrier_weight_in_advance(self, label: str, step: int) -> float | None:
-        """The carrier term's weight at ``step`` if the scheduler knows it before the losses (and the step needs
-        no gradient probe, which differentiates the term and the CE separately), else None. With it the fused CE
-        gradient is combined with the term's before the LM head."""
-        if not torch.is_grad_enabled() or self.scheduler.needs_gradients(step):
-            return None
-        advance = self.scheduler.weights_in_advance(step)
-        weight = None if advance is None else advance.get(label)
-        if isinstance(weight, Tensor):
-            weight = None if weight.requires_grad or weight.numel() != 1 else float(weight)
-        if weight is None or not math.isfinite(weight) or weight <= 0:
-            return None
-        return float(weight)
+    def _check_plan(self, plan: StepPlan, batch: BatchContext, task_loss) -> bool:
+        """Refuse a plan made for other terms or another step; True when the carrier computes the task loss."""
+        if isinstance(task_loss, str):
+            raise TypeError(f"task_loss={task_loss!r}: pass the host's task loss tensor or None; the fused task loss "
+                            "is planned (StudentMode.FUSED_CE in Distiller.plan(...)), not requested by a string")
+        if set(plan.terms) != set(self.terms):
+            raise ValueError(f"the step plan covers terms {sorted(plan.terms)} but this Distiller has "
+                             f"{sorted(self.terms)}; build the plan with this Distiller's plan()")
+        if plan.step != batch.step:
+            raise ValueError(f"the step plan was made for step {plan.step}, the batch is at step {batch.step}")
+        fused = plan.student_mode is StudentMode.FUSED_CE
+        if fused and (plan.carrier not in self.terms or not self.terms[plan.carrier].carries_task_loss):
+            raise ValueError(f"the step plan's task-loss carrier {plan.carrier!r} is not a term that carries the "
+                             "task loss (carries_task_loss = True)")
+        if fused and task_loss is not None:
+            raise ValueError("the step plan computes the task loss in the carrier term (StudentMode.FUSED_CE); pass "
+                             "task_loss=None")
+        return fused
 
     def _check_promised_weight(self, label: str, promised: float, got: float | Tensor, step: int) -> None:
         value = float(got.detach()) if isinstance(got, Tensor) else float(got)

@@ -152,7 +152,7 @@ def test_training_from_a_full_vocabulary_cache_matches_the_live_teacher(tmp_path
     cache = cache_teacher(_teacher(), tiny_tokenizer(), _blocks(16, seed=2), tmp_path / "cache", k=VOCAB,
                           layers=range(3), dtype="float32", progress=False)
     cached, cached_logs = _train(tmp_path / "cached", cache, terms)
-    assert cached.kd_teacher is None
+    assert cached.kd_teacher is cache  # the cache is the teacher source: no teacher model at all
     assert len(live_logs) == len(cached_logs) == 3
     for a, b in zip(live_logs, cached_logs):
         for key in ("loss", "kd/loss/dkd", "kd/loss/mse"):

@@ -202,7 +202,8 @@ def test_nonfinite_teacher(tmp_path, mode):
 def test_sft_packing_padding_free_trains(tmp_path, packing):
     seen = []
     teacher = tiny_model(seed=1, layers=3)
-    teacher.model.register_forward_pre_hook(lambda m, a, kw: seen.append(sorted(kw)), with_kwargs=True)
+    teacher.model.register_forward_pre_hook(lambda m, a, kw: seen.append(sorted(k for k, v in kw.items() if v is not None)),
+                                            with_kwargs=True)
     extra = {} if packing else {"max_length": None}  # TRL: padding-free without packing cannot truncate
     trainer = _kd_trainer(tmp_path, teacher=teacher, packing=packing, padding_free=True, max_steps=2,
                           per_device_train_batch_size=2, **extra)
