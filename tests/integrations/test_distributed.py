@@ -90,10 +90,14 @@ def runs(tmp_path_factory):
             + ([("gradnorm", 2, ()), ("gradnorm_single", 1, ())] if HAS_GRADNORM else [])]
     if HAS_GRADNORM:
         plan.append([("gradnorm_skip_on_rank1", 2, ("--nan-teacher-rank", "1"))])
+    # the fused task loss: the student's backbone runs through the DDP wrapper, the CE comes from the dkd term
+    fused = ("--fuse", "--count-matmuls")
+    plan[-1] += [("fused", 2, fused), ("fused_single", 1, fused)]
     for wave in plan:
         procs = []
         for name, ranks, extra in wave:
-            scheduler = "gradnorm" if name.startswith("gradnorm") else "linear"
+            scheduler = ("gradnorm" if name.startswith("gradnorm") else "constant" if name.startswith("fused")
+                         else "linear")
             out = root / name
             procs.append((_run(out, ranks=ranks, batch=4 // ranks, scheduler=scheduler, extra=extra), out))
         for proc, out in procs:
@@ -105,6 +109,9 @@ def runs(tmp_path_factory):
         gradnorm_single = _result(root / "gradnorm_single", 0)
         for name in ["gradnorm", "gradnorm_skip_on_rank1"]:
             results[name] = (_result(root / name, 0), _result(root / name, 1), gradnorm_single)
+    results["fused"] = (_result(root / "fused", 0), _result(root / "fused", 1), _result(root / "fused_single", 0))
+    results["fused_matmuls"] = [json.loads((root / name / f"matmuls_rank{rank}.json").read_text())
+                                for name, rank in (("fused", 0), ("fused", 1), ("fused_single", 0))]
     return results
 
 
@@ -224,3 +231,21 @@ def test_distiller_gradient_sync_issues_the_same_collectives_on_every_rank(monke
         return list(calls)
 
     assert collectives(True) == collectives(False)
+
+
+def test_fused_task_loss_under_ddp_matches_one_process_with_four_head_matmuls(runs):
+    """fuse_task_loss under DDP: the student's backbone runs through the DDP wrapper and the CE comes from the dkd
+    term's chunked pass, its gradient combined with dkd's (constant weights). Two ranks equal one process with the
+    same global batch, and each micro-batch runs four LM-head-sized matmuls on every rank: the teacher's and the
+    student's projections and the two gradients (the host path would add the CE's own three)."""
+    (logs0, final0), (logs1, final1), (single_logs, single) = runs["fused"]
+    assert sorted(logs0) == sorted(single_logs) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert logs0[step]["loss"] == pytest.approx(single_logs[step]["loss"], rel=1e-4), step
+        rank_mean = (logs0[step]["kd/loss/dkd"] + logs1[step]["kd/loss/dkd"]) / 2
+        assert rank_mean == pytest.approx(single_logs[step]["kd/loss/dkd"], rel=1e-3, abs=1e-6), step
+    for key, value in single.items():
+        torch.testing.assert_close(final0[key], value, rtol=1e-4, atol=2e-5, msg=lambda m: f"{key}: {m}")
+        assert torch.equal(final0[key], final1[key]), key
+    ddp0, ddp1, one = runs["fused_matmuls"]
+    assert ddp0 == ddp1 == one == [4] * STEPS
