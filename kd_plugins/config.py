@@ -142,13 +142,14 @@ class KDConfig:
             last block), ``final_norm`` (reached by logit terms and the task loss only), or a parameter-name substring.
         fuse_task_loss: let the trainer integrations run the student's LM head once per training step (default
             True; same loss and gradients to float rounding). With ``ce_weight: 0`` (and a scheduler that does
-            not use the task loss, i.e. not ``conflict``) the student runs its backbone only: no host loss, no LM
-            head, no CE. With ``ce_weight > 0`` and a logit term (``forward_kl``, ``reverse_kl``,
-            ``generalized_jsd``, ``dkd``) the host's causal-LM cross-entropy is computed by that term's chunked pass
-            over the student's head instead of a second pass. Steps the optimisation cannot reproduce exactly
-            (another host loss, label smoothing, ``return_outputs``, distributed wrappers, ...) run the host's
-            ``compute_loss`` as before. False: always run the host's ``compute_loss`` (its own metrics, e.g. TRL's
-            ``entropy`` and ``mean_token_accuracy``, are logged only then).
+            not read the task loss: ``reads_task_loss = False``, every built-in except ``conflict``) the student runs
+            its backbone only: no host loss, no LM head, no CE. With ``ce_weight > 0`` and a term that carries the
+            task loss (``forward_kl``, ``reverse_kl``, ``generalized_jsd``, ``dkd``) the host's causal-LM
+            cross-entropy is computed by that term's chunked pass over the student's head instead of a second pass,
+            in one process and under DDP alike. Steps the optimisation cannot reproduce exactly (another host loss,
+            label smoothing, ``return_outputs``, FSDP/DeepSpeed students, ...) run the host's ``compute_loss`` as
+            before (see :mod:`kd_plugins.plan`). False: always run the host's ``compute_loss`` (its own metrics, e.g.
+            TRL's ``entropy`` and ``mean_token_accuracy``, are logged only then).
     """
 
     ce_weight: float = 1.0

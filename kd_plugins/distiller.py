@@ -41,7 +41,7 @@ class DistillOutput:
         losses: ``{label: loss}`` as it enters the total (scaled by the step plan, not weighted), detached.
         weights: ``{label: weight}`` applied this step, as floats.
         metrics: extra scalars from terms and scheduler, ready to log.
-        task_loss: the task loss used (detached): the one passed in, or the fused one (``task_loss="fused"``).
+        task_loss: the task loss used (detached): the one passed in, or the carrier's (a ``FUSED_CE`` plan).
     """
 
     loss: Tensor

@@ -68,7 +68,7 @@ def _run(out: Path, *, ranks: int, batch: int, scheduler: str, extra: tuple[str,
 
 def _finish(proc: subprocess.Popen, out: Path) -> None:
     try:
-        rc = proc.wait(timeout=240)
+        rc = proc.wait(timeout=600)  # generous: a loaded 2-core machine runs a wave of 5 processes slowly
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
@@ -141,7 +141,7 @@ def test_without_the_integration_sync_ddp_leaves_projectors_diverged(runs):
 
 def test_a_rank_that_skips_the_transfer_terms_does_not_deadlock(runs):
     """Rank 1's teacher is NaN (``on_nonfinite_teacher: skip``): rank 1 trains on CE alone, rank 0 on CE + KD; the
-    job finishes (the fixture waits at most 240 s) and both ranks still hold identical weights."""
+    job finishes (the fixture waits at most 600 s) and both ranks still hold identical weights."""
     (logs0, rank0), (logs1, rank1), _ = runs["skip_on_rank1"]
     assert all(logs1[step].get("kd/skipped_steps") == 1.0 for step in logs1)
     assert not any(logs0[step].get("kd/skipped_steps") for step in logs0)
