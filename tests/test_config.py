@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from kd_plugins import ConfigError, KDConfig, TermConfig
 
@@ -60,6 +61,12 @@ def test_labels_allow_the_same_term_twice():
     assert config.to_dict()["terms"][1]["label"] == "mse_mid"
 
 
-def test_yaml_is_loaded_safely():
-    with pytest.raises(Exception):
-        KDConfig.from_yaml("ce_weight: !!python/object/apply:os.system ['echo unsafe']")
+def test_yaml_is_loaded_safely(tmp_path):
+    """A python/object tag is refused by the YAML loader itself, before anything it names runs: the payload would
+    create a file, and the error is the safe loader's (not a later validation error of the constructed value)."""
+    marker = tmp_path / "payload_ran"
+    payload = f"ce_weight: !!python/object/apply:builtins.open ['{marker}', 'w']"
+    with pytest.raises(yaml.constructor.ConstructorError,
+                       match=r"could not determine a constructor for the tag '.*python/object/apply:builtins\.open'"):
+        KDConfig.from_yaml(payload)
+    assert not marker.exists(), "the YAML payload was executed"
