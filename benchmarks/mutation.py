@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fresh", action="store_true", help="discard stored results of the targets run")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the reports from stored results")
     parser.add_argument("--label", default="current", help="name of this run in the reports (e.g. before, after)")
+    parser.add_argument("--no-diffs", action="store_true", help="list surviving mutants by name only (faster)")
     args = parser.parse_args(argv)
 
     report_path = RESULTS / "mutation.json"
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
             started = time.monotonic()
             _mutmut(work, "run", "--max-children", str(args.jobs))
             print(f"[{target}] mutmut run took {time.monotonic() - started:.0f} s")
-        run[target] = _collect(work, present, tests)
+        run[target] = _collect(work, present, tests, diffs=not args.no_diffs)
         _print_summary(target, run[target])
     RESULTS.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
@@ -137,7 +138,7 @@ def _mutmut(work: Path, *arguments: str, capture: bool = False) -> str:
 # --- results ---------------------------------------------------------------------------------------------------
 
 
-def _collect(work: Path, modules: list[str], tests: list[str]) -> dict:
+def _collect(work: Path, modules: list[str], tests: list[str], *, diffs: bool = True) -> dict:
     """Per module: counts by status and the surviving mutants with their diffs, from mutmut's stored results."""
     statuses: dict[str, str] = {}
     for meta in (work / "mutants").rglob("*.meta"):
@@ -153,8 +154,8 @@ def _collect(work: Path, modules: list[str], tests: list[str]) -> dict:
             counts[status] = counts.get(status, 0) + 1
         survivors = []
         for name in sorted(n for n, s in mine.items() if s in ("survived", "no tests")):
-            diff = _mutmut(work, "show", name, capture=True)
-            survivors.append({"name": name, "status": mine[name], "diff": _trim_diff(diff)})
+            diff = _trim_diff(_mutmut(work, "show", name, capture=True)) if diffs else ""
+            survivors.append({"name": name, "status": mine[name], "diff": diff})
         killed = counts.get("killed", 0) + counts.get("timeout", 0)
         tested = killed + counts.get("survived", 0) + counts.get("no tests", 0)
         per_module[module] = {"counts": counts, "score": round(killed / tested, 4) if tested else None,
@@ -193,8 +194,9 @@ def _markdown(report: dict) -> str:
                     continue
                 out += [f"### {label}: surviving mutants of `{module}`", ""]
                 for survivor in data["survivors"]:
-                    out += [f"- `{survivor['name']}` ({survivor['status']})", "", "```diff", survivor["diff"], "```",
-                            ""]
+                    out += [f"- `{survivor['name']}` ({survivor['status']})", ""]
+                    if survivor["diff"]:
+                        out += ["```diff", survivor["diff"], "```", ""]
     return "\n".join(out) + "\n"
 
 
