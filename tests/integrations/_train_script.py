@@ -10,6 +10,7 @@ order (sequential sampler) so runs with the same global batch see the same data.
 
 Writes, per rank ``r``:
     ``log_rank{r}.jsonl``: one JSON line per training log (flushed at once, so a killed run keeps its lines);
+    ``steps_rank{r}.jsonl``: one JSON line ``{"pid", "step"}`` per optimizer step run, appended by every launch;
     ``final_rank{r}.safetensors``: ``kd.*`` (the Distiller's kd_state_dict) and ``student.*`` (student weights),
         after training finishes.
 """
@@ -83,8 +84,8 @@ class InOrderKDTrainer(KDTrainer):
 
 
 class Recorder(TrainerCallback):
-    def __init__(self, path: str, sleep: float):
-        self.path, self.sleep = path, sleep
+    def __init__(self, path: str, sleep: float, steps_path: str):
+        self.path, self.sleep, self.steps_path = path, sleep, steps_path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -94,6 +95,11 @@ class Recorder(TrainerCallback):
                 os.fsync(f.fileno())
 
     def on_step_end(self, args, state, control, **kwargs):
+        # every optimizer step this process ran, tagged with the process: tells a resume from a restart
+        with open(self.steps_path, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "step": state.global_step}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         if self.sleep:
             time.sleep(self.sleep)
 
@@ -165,7 +171,8 @@ def main(argv=None) -> None:
                                train_dataset=TokenRows(args.rows, args.fixed_length), teacher=teacher,
                                kd_config=config)
     rank = training_args.process_index
-    trainer.add_callback(Recorder(os.path.join(args.out, f"log_rank{rank}.jsonl"), args.sleep))
+    trainer.add_callback(Recorder(os.path.join(args.out, f"log_rank{rank}.jsonl"), args.sleep,
+                                  os.path.join(args.out, f"steps_rank{rank}.jsonl")))
     trainer.count_matmuls = args.count_matmuls
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     if args.count_matmuls:

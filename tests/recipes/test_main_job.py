@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -26,9 +27,12 @@ def test_demo_runs_end_to_end_on_a_tiny_teacher(tmp_path, monkeypatch):
         "--gen-tokens", "3", "--output-dir", str(out), "--max-minutes", "0",
     ]))
     assert results["steps"] == 2 and results["kept_layers"][0] == 0 and results["kept_layers"][-1] == 3
+    student = results["student"]
     for key in ("nll", "perplexity", "accuracy", "agreement", "kl_teacher_student"):
-        assert key in results["student"]
-    assert "accuracy" in results["retention"]
+        assert math.isfinite(student[key]), (key, student[key])
+    assert student["nll"] > 0 and student["perplexity"] == pytest.approx(math.exp(student["nll"]), rel=1e-3)
+    assert 0 <= student["accuracy"] <= 1 and 0 <= student["agreement"] <= 1 and student["kl_teacher_student"] >= 0
+    assert math.isfinite(results["retention"]["accuracy"])
     saved = json.loads((out / "results.json").read_text())
     assert saved["kept_layers"] == results["kept_layers"]
     assert "| teacher" in (out / "results.md").read_text()
