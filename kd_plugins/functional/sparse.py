@@ -25,7 +25,9 @@ the two ``(k+1)``-bucket distributions:
 With ``k == V`` the tail is empty (dropped) and every loss equals its dense version. Losses are scaled by
 ``T**2``; with ``T != 1`` the student logits are divided by ``T`` exactly, while the teacher's bucket log-probs
 (``l_j`` and ``log tau``) are divided by ``T`` and renormalised over the buckets -- exact at ``T = 1`` and for an
-empty tail, an approximation otherwise (the cache holds no per-token tail logits).
+empty tail, an approximation otherwise (the cache holds no per-token tail logits). The teacher's buckets are
+renormalised at every temperature, ``T = 1`` included: where rounding put the stored top-k mass above 1 (the tail
+then sits at its floor), the losses compare normalised bucket distributions.
 
 The bucket-level loss is differentiated by local autograd on ``(rows, k+2)`` tensors (cheap); the
 vocabulary-sized part of the gradient is analytic: ``dL/dz_j = g_j`` for ``j`` in ``S`` (and the split target),
