@@ -22,6 +22,8 @@ Outputs (``--out-dir``, default ``docs/results/retention-rows``): ``retention_ro
 finished row, rewritten atomically after each; a rerun skips rows already there with the same setup and config),
 ``retention_rows.json`` / ``retention_rows.md`` (the table) and ``retention_rows.png``; each row's full suite
 report is in its record. ``--max-minutes`` stops before a row whose projected end passes the cap; a rerun resumes.
+``--reuse fkl_ce=kd_output/smollm2-student`` scores the student a ``kd-plugins demo`` run trained (same recipe,
+checked against its ``results.json``) instead of training that row again.
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-row trainer output (default %(default)s; git-ignored)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="cap on the whole invocation (0: none)")
     p.add_argument("--threads", type=int, default=d["threads"], help="torch CPU threads (default %(default)s)")
+    p.add_argument("--reuse", nargs="+", default=[], metavar="ROW=DIR",
+                   help="score a student the main job already trained instead of training the row again: e.g. "
+                        "fkl_ce=kd_output/smollm2-student (its results.json must show this setup and the row's KD "
+                        "config, else the row is refused)")
     p.add_argument("--report-only", action="store_true", help="only re-render the table and plot from the JSON")
     return p
 
@@ -162,6 +168,7 @@ def _run(args, load_models) -> dict:
                 for row in args.rows}
     done = {r["row"] for r in records if r.get("signature") == signature
             and json.dumps(r.get("kd_config"), sort_keys=True) == json.dumps(resolved.get(r["row"]), sort_keys=True)}
+    reuse = _parse_reuse(args.reuse, resolved)
     seconds_per_row: list[float] = []
     for row in args.rows:
         if row in done:
@@ -175,10 +182,14 @@ def _run(args, load_models) -> dict:
                 break
         clock.say(f"=== {row}: {rows[row]['description']} ===")
         started, started_cpu = time.perf_counter(), time.process_time()
-        student = copy.deepcopy(base)
-        student.load_state_dict(base_state)
-        train = _train(student, resolved[row], teacher, tokenizer, train_blocks, args, work_dir / row) \
-            if resolved[row] else {"steps": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0}
+        if row in reuse:
+            student, train = _reused(reuse[row], resolved[row], kept, args)
+            clock.say(f"{row}: scoring the student in {reuse[row]} (trained by the main job with this setup)")
+        else:
+            student = copy.deepcopy(base)
+            student.load_state_dict(base_state)
+            train = _train(student, resolved[row], teacher, tokenizer, train_blocks, args, work_dir / row) \
+                if resolved[row] else {"steps": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0}
         clock.say(f"{row}: suite")
         report = run_suite(student, reference)
         record = {"row": row, "description": rows[row]["description"], "signature": signature,
@@ -225,6 +236,41 @@ def _train(student, kd: dict, teacher, tokenizer, train_blocks, args, run_dir: P
             "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)}
 
 
+def _parse_reuse(items: Sequence[str], resolved: dict) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        row, sep, folder = item.partition("=")
+        if not sep or row not in resolved or not resolved[row]:
+            raise SystemExit(f"--reuse {item!r}: expected ROW=DIR with ROW one of the trained rows being run "
+                             f"{[r for r in resolved if resolved[r]]}")
+        out[row] = Path(folder)
+    return out
+
+
+def _reused(folder: Path, kd: dict, kept, args):
+    """The main job's saved student, after checking its results.json says it was trained exactly like the row."""
+    from transformers import AutoModelForCausalLM
+
+    from kd_plugins.integrations.trl import load_kd_config
+
+    path = folder / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"--reuse {folder}: no results.json (expected a kd-plugins demo output folder)")
+    done = json.loads(path.read_text())
+    want = {"steps": args.steps, "kept_layers": kept, "learning_rate": args.learning_rate,
+            "batch_size": args.batch_size, "block_size": args.block_size, "seed": args.seed,
+            "warmup_ratio": args.warmup_ratio, "train_embeddings": False}
+    have = {"steps": done.get("steps"), "kept_layers": done.get("kept_layers"),
+            **{k: done.get("args", {}).get(k) for k in ("learning_rate", "batch_size", "block_size", "seed",
+                                                         "warmup_ratio", "train_embeddings")}}
+    config = json.loads(json.dumps(load_kd_config(kd).to_dict(), default=str))
+    if have != want or config != done.get("kd_config"):
+        raise SystemExit(f"--reuse {folder}: trained with another setup or KD config ({have} vs {want})")
+    student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return student, {"steps": done["steps"], "train_seconds": done.get("train_seconds"), "train_cpu_seconds": None,
+                     "trained_by": f"kd-plugins demo ({folder})"}
+
+
 # --- results --------------------------------------------------------------------------------------------------
 
 _COLUMNS = [  # (header, function of a record's suite report)
@@ -248,7 +294,7 @@ def _report(out_dir: Path, records: list[dict], setup: dict) -> dict:
     for row in order:
         r = by_row[row]
         cells = [_pct(fn(r["suite"])) for _, fn in _COLUMNS]
-        lines.append(f"| {row} | {r['steps']} | " + " | ".join(cells) + f" | {r.get('train_cpu_seconds', 0):.0f} |")
+        lines.append(f"| {row} | {r['steps']} | " + " | ".join(cells) + f" | {_num(r.get('train_cpu_seconds'))} |")
         teacher = teacher or r["suite"]
     detail = []
     if teacher is not None:
@@ -326,6 +372,10 @@ def _write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str))
     tmp.replace(path)
+
+
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.0f}"
 
 
 def _pct(value) -> str:

@@ -565,16 +565,19 @@ class RetentionCallback(TrainerCallback):
             are appended to ``state.log_history`` only, with a warning that loggers such as TensorBoard miss them.
         prefix: key prefix.
         at_end: also evaluate after the last step.
-        progress: progress bars for the evaluations.
+        progress: progress bars for the evaluations (default: only for a long subset -- with tasks, or more than
+            16 blocks per domain).
     """
 
     def __init__(self, teacher: nn.Module, tokenizer, *, every: int = 50, config: SuiteConfig | None = None,
                  blocks: Mapping[str, Sequence[Sequence[int]]] | None = None, trainer=None,
-                 prefix: str = "retention/", at_end: bool = True, progress: bool = False):
+                 prefix: str = "retention/", at_end: bool = True, progress: bool | None = None):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"RetentionCallback: every={every!r} is invalid; expected an integer >= 1")
         self.teacher, self.tokenizer, self.every = teacher, tokenizer, every
         self.config = config if config is not None else SuiteConfig(tasks=(), max_blocks=8)
+        if progress is None:  # progress bars only for a long subset: tasks, or many blocks per domain
+            progress = bool(self.config.tasks) or self.config.max_blocks > 16
         self.blocks, self.trainer, self.prefix, self.at_end, self.progress = blocks, trainer, prefix, at_end, progress
         self.reference: TeacherReference | None = None
         self.reports: list[tuple[int, dict]] = []
@@ -613,7 +616,12 @@ class RetentionCallback(TrainerCallback):
         self.reports.append((state.global_step, report))
         values = self.metrics(report)
         if self.trainer is not None:
-            self.trainer.log(values)
+            from transformers import Trainer
+
+            # Trainer.log itself, not a subclass's override: TRL's SFTTrainer.log would move its accumulated
+            # training metrics (token accuracy, entropy) into this entry and clear them from the next training log
+            log = Trainer.log.__get__(self.trainer) if isinstance(self.trainer, Trainer) else self.trainer.log
+            log(values)
         else:
             state.log_history.append({**values, "step": state.global_step})
             if not self._warned:
