@@ -392,6 +392,14 @@ class TeacherCache:
                 raise TeacherCacheError(f"{self.path}: shard {shard} cannot be read ({exc}); rebuild the cache") from exc
         return {name: handle.get_slice(name)[row : row + length] for name in (names or handle.keys())}
 
+    def missing_rows(self, rows: Any) -> list[int]:
+        """Indices of ``rows`` (token-id sequences, or a dataset with ``input_ids``) that are not a cached example,
+        by content -- so a trainer can refuse a dataset the cache does not cover before its first step."""
+        if hasattr(rows, "column_names"):
+            rows = rows["input_ids"]
+        return [i for i, ids in enumerate(rows)
+                if _content_key(torch.as_tensor(list(ids), dtype=torch.int32)) not in self._by_key]
+
 
 # --- helpers ------------------------------------------------------------------------------------------------------
 
