@@ -76,14 +76,12 @@ def check_cache_covers(cache: Any, sequences: Sequence[Sequence[int]], *, eos_to
     missing = cache.missing_rows(sequences)
     if not missing:
         return cache
-    eos_rows = []
-    if eos_token_id is not None:
-        trimmed = [list(sequences[i][:-1]) for i in missing if len(sequences[i]) > 1 and sequences[i][-1] == eos_token_id]
-        still = set(cache.missing_rows(trimmed)) if trimmed else set()
-        eos_rows = [t for position, t in enumerate(trimmed) if position not in still]
-        candidates = [i for i in missing if len(sequences[i]) > 1 and sequences[i][-1] == eos_token_id]
-        served = {candidates[p] for p in range(len(candidates)) if p not in still}
-        missing = [i for i in missing if i not in served]
+    # rows that are a cached example plus the EOS the trainer appended
+    ends_with_eos = [i for i in missing if eos_token_id is not None and len(sequences[i]) > 1
+                     and sequences[i][-1] == eos_token_id]
+    still_missing = set(cache.missing_rows([list(sequences[i][:-1]) for i in ends_with_eos]))
+    eos_rows = [i for position, i in enumerate(ends_with_eos) if position not in still_missing]
+    missing = sorted(set(missing) - set(eos_rows))
     if missing:
         shown = "; ".join(f"sequence {i} ({len(sequences[i])} tokens, starting {list(sequences[i][:6])})"
                           for i in missing[:_SHOWN])
@@ -91,8 +89,8 @@ def check_cache_covers(cache: Any, sequences: Sequence[Sequence[int]], *, eos_to
             f"teacher cache {cache.path} does not cover the training data: {len(missing)} of {len(sequences)} "
             f"training sequences are not cached examples ({shown}{'; ...' if len(missing) > _SHOWN else ''}). The data "
             "differ from the cached dataset, or the trainer changed the examples (max_length truncation, packing "
-            "across examples, a chat template); build the cache from the rows the trainer trains on "
-            "(e.g. cache_teacher(teacher, tokenizer, trainer.train_dataset, ...)) -- nothing was trained"
+            "across examples, a chat template); build the cache from the sequences the trainer trains on "
+            "(unpacked: e.g. cache_teacher(teacher, tokenizer, trainer.train_dataset, ...)) -- nothing was trained"
         )
     if requirements.teacher_layers:
         raise TeacherCacheError(

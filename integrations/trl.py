@@ -27,6 +27,7 @@ DDP wrapper, so the fused path is the same in one process and in many.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import logging
@@ -109,7 +110,7 @@ class _DistillationSetup:
     def close(self) -> None:
         """Detach the hooks this setup attached."""
         self.student_capture.remove()
-        if isinstance(self.teacher, LiveTeacher) and not self.teacher.is_self:
+        if isinstance(self.teacher, LiveTeacher):
             self.teacher.close()
 
 
@@ -176,7 +177,7 @@ class KDTrainerMixin:
         if isinstance(teacher, str) and teacher != "self" and attn:
             load_kwargs["attn_implementation"] = attn  # a teacher path follows the student (sdpa, flash, ...)
         source: TeacherSource = resolve_teacher(teacher, student, dtype=config.teacher_dtype, **load_kwargs)
-        if not self.kd_batches_are_dataset_rows and not isinstance(source, LiveTeacher):
+        if not self.kd_batches_are_dataset_rows and _is_teacher_cache(source):
             raise ConfigError(f"{type(self).__name__} trains on completions it generates, which a teacher cache "
                               "cannot hold; use a live teacher (a model or its path)")
         has_logits = self._kd_has_logit_terms(config)
@@ -184,8 +185,8 @@ class KDTrainerMixin:
         shared = self._kd_shared_vocabulary(source, teacher, teacher_tokenizer, student_info, teacher_info,
                                             needs_logits=has_logits)
         if shared is not None:
-            student_info = dataclasses_replace(student_info, vocab_size=shared)
-            teacher_info = dataclasses_replace(teacher_info, vocab_size=shared)
+            student_info = dataclasses.replace(student_info, vocab_size=shared)
+            teacher_info = dataclasses.replace(teacher_info, vocab_size=shared)
             source = LiveTeacher(source.model, is_self=source.is_self, info=teacher_info)
         # vocabulary first (when a logit term is configured), then the resolved layers once the terms exist
         check_compatible(student_info, teacher_info, None if has_logits else Requirements())
@@ -227,7 +228,7 @@ class KDTrainerMixin:
         """Remove a previous setup's callback and forward hooks (its optimizer group is replaced on install)."""
         self.remove_callback(self.kd_callback)
         setup.student_capture.remove()
-        if not keep_teacher and isinstance(setup.teacher, LiveTeacher) and not setup.teacher.is_self:
+        if not keep_teacher and isinstance(setup.teacher, LiveTeacher):
             setup.teacher.close()
 
     def _kd_teacher_argument(self, teacher: Any, config: KDConfig) -> Any:
@@ -740,10 +741,10 @@ def _kd_class(cls: type) -> type:
     return type(f"KD{cls.__name__}", (KDTrainerMixin, cls), {"__module__": __name__})
 
 
-def dataclasses_replace(info: ModelInfo, **changes: Any) -> ModelInfo:
-    import dataclasses
+def _is_teacher_cache(source: Any) -> bool:
+    from kd_plugins.integrations.teacher_cache import TeacherCache
 
-    return dataclasses.replace(info, **changes)
+    return isinstance(source, TeacherCache)
 
 
 def _describe(value: Any) -> str:

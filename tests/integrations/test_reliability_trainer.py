@@ -82,6 +82,19 @@ def test_enable_distillation_twice_replaces_the_optimizer_group(tmp_path):
     trainer.train()
 
 
+def test_enable_distillation_twice_with_a_self_teacher_removes_its_hooks(tmp_path):
+    peft = pytest.importorskip("peft")
+    trainer = SFTTrainer(model=tiny_model(), args=sft_args(tmp_path, max_steps=1), train_dataset=tiny_dataset(8),
+                         processing_class=tiny_tokenizer(),
+                         peft_config=peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    bare = _hooks(trainer.model)
+    enable_distillation(trainer, teacher="self", config=kd_config([MSE, DKD]))
+    once = _hooks(trainer.model)
+    enable_distillation(trainer, teacher="self", config=kd_config([MSE, DKD]))
+    assert once > bare and _hooks(trainer.model) == once  # student and self-teacher hooks replaced, not stacked
+    trainer.train()
+
+
 def test_a_refused_second_call_leaves_the_first_setup(tmp_path):
     trainer = _sft(tmp_path, max_steps=1)
     enable_distillation(trainer, teacher=tiny_model(seed=3, hidden=48, layers=3), config=kd_config([MSE]))
