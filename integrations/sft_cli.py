@@ -169,10 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         trl_sft.make_parser(prog="kd-plugins sft").parse_args_and_config(["--help"])  # prints TRL's help, exits
     trl_argv, settings, temporary = split_kd_arguments(argv)
     try:
+        _refuse_unknown_flags(trl_argv)
         parser = trl_sft.make_parser(prog="kd-plugins sft")
-        script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(
-            trl_argv, fail_with_unknown_args=False
-        )
+        try:
+            script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(
+                trl_argv, fail_with_unknown_args=False
+            )
+        except ValueError as exc:  # TRL's / transformers' own argument checks: a message, not a traceback
+            raise ConfigError(f"invalid `trl sft` arguments: {exc}") from exc
     finally:
         if temporary is not None:
             os.remove(temporary)
@@ -257,6 +261,26 @@ def _refuse_unknown_keys(data: dict[str, Any], path: str) -> None:
     )
 
 
+def _refuse_unknown_flags(argv: Sequence[str]) -> None:
+    """Command-line flags that no `trl sft` argument takes (``--max_stpes``), with the closest known one."""
+    known = sorted(_trl_keys())
+    unknown = []
+    for token in argv:
+        if not token.startswith("--") or token == "--config":
+            continue
+        key = token[2:].split("=", 1)[0].replace("-", "_")
+        bare = key[3:] if key.startswith("no_") else key
+        if key in known or bare in known or any(k.startswith(key) for k in known):  # argparse takes unique prefixes
+            continue
+        unknown.append(token.split("=", 1)[0])
+    if unknown:
+        hints = [f"{flag!r} -> did you mean '--{close[0]}'?" for flag in unknown
+                 if (close := difflib.get_close_matches(flag[2:].replace("-", "_"), known, n=1, cutoff=0.6))]
+        raise ConfigError(f"unknown arguments {unknown}{' (' + '; '.join(hints) + ')' if hints else ''}: neither "
+                          "`trl sft` arguments (`kd-plugins sft --help` lists them) nor kd-plugins flags "
+                          f"({', '.join(_KD_FLAGS)})")
+
+
 def _resolve_paths(data: dict[str, Any], base: str, path: str) -> dict[str, Any]:
     """Relative paths of the YAML resolved from its folder ``base`` (see the module docstring)."""
     out = dict(data)
@@ -299,6 +323,8 @@ def _check_locations(script_args: Any, model_args: Any, dataset_args: Any) -> No
     the hub's ``HFValidationError``)."""
     from kd_plugins.integrations.teachers import check_model_location
 
+    if not getattr(script_args, "dataset_name", None) and not getattr(dataset_args, "datasets", None):
+        raise ConfigError("no training data: give dataset_name (a folder, data file or hub id) or a datasets: list")
     for what, value in (("model_name_or_path", getattr(model_args, "model_name_or_path", None)),
                         ("dataset_name", getattr(script_args, "dataset_name", None))):
         if isinstance(value, str) and value:

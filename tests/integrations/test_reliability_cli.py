@@ -102,6 +102,19 @@ def test_unknown_yaml_keys_are_refused_with_the_closest_key(project, capsys):
     assert "the run would ignore them" in err
 
 
+def test_unknown_flags_are_refused_with_the_closest_flag(project, capsys):
+    root, run, _ = project
+    err = _refused(["sft", "--config", _write(root, run), "--max_stpes", "3"], capsys)
+    assert "unknown arguments ['--max_stpes'] ('--max_stpes' -> did you mean '--max_steps'?)" in err
+
+
+def test_no_training_data_is_named(project, capsys):
+    root, run, _ = project
+    del run["dataset_name"]
+    err = _refused(["sft", "--config", _write(root, run)], capsys)
+    assert "no training data: give dataset_name" in err
+
+
 @pytest.mark.parametrize("where", ["yaml", "flag"])
 def test_a_kd_config_typo_says_the_file_does_not_exist(project, monkeypatch, capsys, where):
     root, run, elsewhere = project
