@@ -27,11 +27,13 @@ DDP wrapper, so the fused path is the same in one process and in many.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 import logging
 import os
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, MutableMapping
 
@@ -41,15 +43,25 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTTrainer
 
-from kd_plugins.capture import FeatureCapture, all_finite, find_decoder, run_backbone, unwrap_model
+from kd_plugins.capture import (
+    FeatureCapture,
+    all_finite,
+    decoder_blocks,
+    final_norm,
+    find_decoder,
+    run_backbone,
+    unwrap_model,
+)
 from kd_plugins.config import KDConfig
 from kd_plugins.distiller import Distiller
-from kd_plugins.errors import ConfigError, KDError
+from kd_plugins.errors import ConfigError, IncompatibleModelsError, KDError
 from kd_plugins.functional import shift_labels
-from kd_plugins.integrations.teachers import check_compatible, model_info, resolve_teacher
+from kd_plugins.integrations.cache_coverage import check_cache_covers, training_sequences
+from kd_plugins.integrations.teachers import LiveTeacher, check_compatible, model_info, resolve_teacher
 from kd_plugins.integrations.transformers import DistillationCallback
+from kd_plugins.integrations.vocabulary import shared_vocabulary, teacher_tokenizer_of, tokenizer_of
 from kd_plugins.plan import HostFacts, StepPlan, StudentMode
-from kd_plugins.types import BatchContext, Requirements, TeacherSource
+from kd_plugins.types import BatchContext, ModelInfo, Requirements, TeacherSource
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +94,26 @@ class NonFiniteTeacherError(KDError, FloatingPointError):
     """The teacher produced NaN/inf and ``on_nonfinite_teacher`` is ``raise``."""
 
 
+@dataclass
+class _DistillationSetup:
+    """Everything one ``_kd_setup`` builds, assembled before the trainer is changed (so a refused call leaves a
+    previous setup in place)."""
+
+    config: KDConfig
+    teacher: TeacherSource
+    distiller: Distiller
+    requirements: Requirements
+    student_capture: FeatureCapture
+    shared_params: list[Tensor] = field(default_factory=list)
+    full_vocabulary: bool = True  # the logit terms see the student's whole LM head (no shared-vocabulary slice)
+
+    def close(self) -> None:
+        """Detach the hooks this setup attached."""
+        self.student_capture.remove()
+        if isinstance(self.teacher, LiveTeacher):
+            self.teacher.close()
+
+
 def load_kd_config(config: KDConfig | Mapping[str, Any] | str | Path | None) -> KDConfig:
     """Accept a :class:`KDConfig`, a dict, or a YAML path / string."""
     if isinstance(config, KDConfig):
@@ -99,60 +131,187 @@ class KDTrainerMixin:
     """Adds distillation to a ``transformers.Trainer`` subclass (put it first in the bases).
 
     Extra keyword arguments:
-        teacher: teacher model object, model path / hub id, ``"self"`` (PEFT student, adapters disabled), or a
-            :class:`~kd_plugins.integrations.teacher_cache.TeacherCache` (offline teacher: no teacher forward).
+        teacher: teacher model object, model path / hub id, ``"self"`` (PEFT student, adapters disabled), the folder
+            of a teacher cache, or a :class:`~kd_plugins.integrations.teacher_cache.TeacherCache` (offline teacher:
+            no teacher forward). Optional when ``kd_config`` names a ``teacher_cache``.
         kd_config: :class:`KDConfig`, dict, or YAML path.
+        teacher_tokenizer: the teacher's tokenizer (object or path), compared with the student's (the trainer's
+            ``processing_class``); a teacher path's own tokenizer is found beside it. See
+            :mod:`kd_plugins.integrations.vocabulary`.
 
     Attributes after construction: ``distiller`` (the :class:`Distiller`, on the student's device),
     ``kd_teacher`` (the :class:`~kd_plugins.TeacherSource`: a
     :class:`~kd_plugins.integrations.teachers.LiveTeacher` or the given cache), ``kd_callback``
     (:class:`DistillationCallback`).
+
+    Everything is checked before the first training step -- tokenizers and vocabularies, layers, the teacher
+    cache against the training data, ``shared_params`` -- and a refusal names the problem, the value and the fix.
+    Setting distillation up again (:func:`enable_distillation` on a trainer that already distils) replaces the
+    previous setup: its callback, forward hooks and optimizer parameter group are removed.
     """
 
-    def __init__(self, *args: Any, teacher: Any = None, kd_config: Any = None, **kwargs: Any):
+    def __init__(self, *args: Any, teacher: Any = None, kd_config: Any = None, teacher_tokenizer: Any = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._kd_setup(teacher, kd_config)
+        self._kd_setup(teacher, kd_config, teacher_tokenizer=teacher_tokenizer)
 
     # --- setup --------------------------------------------------------------------------------------------
 
-    def _kd_setup(self, teacher: Any, kd_config: Any) -> None:
-        if teacher is None:
-            teacher = getattr(self, "teacher_model", None)  # TRL's DistillationTrainer keeps its own teacher
-        if teacher is None:
-            raise ConfigError("distillation needs a teacher: pass teacher=<model, path, 'self' or a TeacherCache>")
-        self.kd_config = load_kd_config(kd_config)
+    # Whether the training batches are rows of train_dataset (a declared trait of the host trainer; TRL's
+    # DistillationTrainer trains on completions it generates, which no teacher cache can hold).
+    kd_batches_are_dataset_rows = True
+
+    def _kd_setup(self, teacher: Any, kd_config: Any, *, teacher_tokenizer: Any = None) -> None:
+        """Build the distillation setup, then install it in place of a previous one (if any)."""
+        setup = self._kd_build(teacher, load_kd_config(kd_config), teacher_tokenizer)
+        previous = self.__dict__.get("_kd_installed")
+        if previous is not None:
+            self._kd_uninstall(previous, keep_teacher=previous.teacher is setup.teacher)
+        self._kd_install(setup, previous)
+
+    def _kd_build(self, teacher: Any, config: KDConfig, teacher_tokenizer: Any) -> _DistillationSetup:
+        teacher = self._kd_teacher_argument(teacher, config)
         student = self.model
         load_kwargs = {}
         attn = getattr(getattr(unwrap_model(student), "config", None), "_attn_implementation", None)
         if isinstance(teacher, str) and teacher != "self" and attn:
             load_kwargs["attn_implementation"] = attn  # a teacher path follows the student (sdpa, flash, ...)
-        self.kd_teacher: TeacherSource = resolve_teacher(teacher, student, dtype=self.kd_config.teacher_dtype,
-                                                         **load_kwargs)
-        student_info, teacher_info = model_info(student, "student"), self.kd_teacher.info
+        source: TeacherSource = resolve_teacher(teacher, student, dtype=config.teacher_dtype, **load_kwargs)
+        if not self.kd_batches_are_dataset_rows and _is_teacher_cache(source):
+            raise ConfigError(f"{type(self).__name__} trains on completions it generates, which a teacher cache "
+                              "cannot hold; use a live teacher (a model or its path)")
+        has_logits = self._kd_has_logit_terms(config)
+        student_info, teacher_info = model_info(student, "student"), source.info
+        shared = self._kd_shared_vocabulary(source, teacher, teacher_tokenizer, student_info, teacher_info,
+                                            needs_logits=has_logits)
+        if shared is not None:
+            student_info = dataclasses.replace(student_info, vocab_size=shared)
+            teacher_info = dataclasses.replace(teacher_info, vocab_size=shared)
+            source = LiveTeacher(source.model, is_self=source.is_self, info=teacher_info)
         # vocabulary first (when a logit term is configured), then the resolved layers once the terms exist
-        check_compatible(student_info, teacher_info, None if self._kd_has_logit_terms() else Requirements())
-        self.distiller = Distiller(self.kd_config, student=student_info, teacher=teacher_info)
-        self.distiller.to(next(student.parameters()).device)
-        self._kd_requirements = req = self.distiller.requirements()
+        check_compatible(student_info, teacher_info, None if has_logits else Requirements())
+        distiller = Distiller(config, student=student_info, teacher=teacher_info)
+        distiller.to(next(student.parameters()).device)
+        req = distiller.requirements()
         check_compatible(student_info, teacher_info, req)
-        self._kd_student_capture = FeatureCapture(
-            student, info=student_info, layers=req.student_layers, qkv_layers=req.student_qkv_layers,
-            final_hidden=req.final_hidden,
-        )
-        self.kd_teacher.prepare(req)
-        self._kd_shared_params = _shared_params(student, self.kd_config.shared_params)
+        capture = FeatureCapture(student, info=student_info, layers=req.student_layers,
+                                 qkv_layers=req.student_qkv_layers, final_hidden=req.final_hidden)
+        setup = _DistillationSetup(config=config, teacher=source, distiller=distiller, requirements=req,
+                                   student_capture=capture, full_vocabulary=shared is None)
+        try:
+            source.prepare(req)
+            setup.teacher = self._kd_check_cache_coverage(source, req)
+            setup.shared_params = _shared_params(student, config.shared_params)
+        except BaseException:
+            setup.close()
+            raise
+        return setup
+
+    def _kd_install(self, setup: _DistillationSetup, previous: _DistillationSetup | None) -> None:
+        self._kd_installed = setup
+        self.kd_config = setup.config
+        self.kd_teacher = setup.teacher
+        self.distiller = setup.distiller
+        self._kd_requirements = setup.requirements
+        self._kd_student_capture = setup.student_capture
+        self._kd_shared_params = setup.shared_params
+        self._kd_full_vocabulary = setup.full_vocabulary
         self._kd_logs: dict[str, float] = defaultdict(float)
         self._kd_log_counts: dict[str, int] = defaultdict(int)
         self._kd_window_start = self.state.global_step
         self.kd_callback = DistillationCallback(self.distiller)
         self.add_callback(self.kd_callback)
         if getattr(self, "optimizer", None) is not None:  # enable_distillation after the optimizer exists
-            self._kd_add_param_group(self.optimizer)
+            self._kd_add_param_group(self.optimizer, replacing=None if previous is None else previous.distiller)
 
-    def _kd_has_logit_terms(self) -> bool:
+    def _kd_uninstall(self, setup: _DistillationSetup, *, keep_teacher: bool) -> None:
+        """Remove a previous setup's callback and forward hooks (its optimizer group is replaced on install)."""
+        self.remove_callback(self.kd_callback)
+        setup.student_capture.remove()
+        if not keep_teacher and isinstance(setup.teacher, LiveTeacher):
+            setup.teacher.close()
+
+    def _kd_teacher_argument(self, teacher: Any, config: KDConfig) -> Any:
+        if config.teacher_cache is not None:
+            if teacher is not None:
+                raise ConfigError(
+                    f"both teacher={_describe(teacher)} and teacher_cache={config.teacher_cache!r} (KD config) are "
+                    "given; pass one teacher: drop teacher= to train from the cache, or teacher_cache to run the teacher"
+                )
+            from kd_plugins.integrations.teacher_cache import TeacherCache, TeacherCacheError
+
+            if not os.path.isdir(config.teacher_cache):
+                raise TeacherCacheError(f"teacher_cache={config.teacher_cache!r} does not exist (no folder "
+                                        f"{os.path.abspath(config.teacher_cache)}); build it with `kd-plugins "
+                                        "cache-teacher --out DIR`")
+            return TeacherCache(config.teacher_cache)
+        if teacher is None:
+            teacher = getattr(self, "teacher_model", None)  # TRL's DistillationTrainer keeps its own teacher
+        if teacher is None:
+            raise ConfigError("distillation needs a teacher: pass teacher=<model, path, 'self', a teacher cache folder "
+                              "or a TeacherCache>, or name teacher_cache: DIR in the KD config")
+        return teacher
+
+    def _kd_shared_vocabulary(self, source: TeacherSource, teacher: Any, teacher_tokenizer: Any,
+                              student_info: ModelInfo, teacher_info: ModelInfo, *, needs_logits: bool) -> int | None:
+        """Compare the tokenizers (see :mod:`kd_plugins.integrations.vocabulary`); the shared vocabulary when one
+        tokenizer's models pad it to different sizes, else None."""
+        student_tokenizer = tokenizer_of(getattr(self, "processing_class", None))
+        if isinstance(source, LiveTeacher) and source.is_self:
+            return None  # the student's own base: one model, one tokenizer
+        if not isinstance(source, LiveTeacher):
+            from kd_plugins.integrations.teacher_cache import TeacherCache
+
+            if isinstance(source, TeacherCache):  # a cache records the hash of the tokenizer it was built with
+                return self._kd_check_cache_tokenizer(source, student_tokenizer, student_info, teacher_info,
+                                                      needs_logits)
+            return shared_vocabulary(student_tokenizer, None, student_info, teacher_info, needs_logits=needs_logits)
+        teacher_tokenizer = teacher_tokenizer_of(teacher, teacher_tokenizer)
+        return shared_vocabulary(student_tokenizer, teacher_tokenizer, student_info, teacher_info,
+                                 needs_logits=needs_logits)
+
+    def _kd_check_cache_tokenizer(self, cache, student_tokenizer, student_info, teacher_info, needs_logits) -> None:
+        from kd_plugins.integrations.teacher_cache import tokenizer_hash
+        from kd_plugins.integrations.vocabulary import CROSS_TOKENIZER_NOT_CONFIGURED
+
+        recorded = cache.manifest.get("tokenizer_hash", "none")
+        if student_tokenizer is not None and recorded != "none" and tokenizer_hash(student_tokenizer) != recorded:
+            raise IncompatibleModelsError(
+                f"teacher cache {cache.path} was built with another tokenizer than the student's (tokenizer hash "
+                f"{recorded[:12]}... != {tokenizer_hash(student_tokenizer)[:12]}...; the hash covers the vocabulary and "
+                f"the special tokens). {CROSS_TOKENIZER_NOT_CONFIGURED}; or rebuild the cache with the student's "
+                "tokenizer (`kd-plugins cache-teacher`)"
+            )
+        if needs_logits and student_info.vocab_size != teacher_info.vocab_size:
+            raise IncompatibleModelsError(
+                f"teacher cache {cache.path} holds top-k log-probs over the teacher's vocab_size="
+                f"{teacher_info.vocab_size}, the student has vocab_size={student_info.vocab_size}: cached top-k rows "
+                "cannot be restricted to a shared vocabulary; use the live teacher (teacher=<model or path>), whose "
+                "padded vocabulary is compared on the shared real tokens"
+            )
+        return None
+
+    def _kd_check_cache_coverage(self, source: TeacherSource, requirements: Requirements) -> TeacherSource:
+        """A teacher cache must hold every training row before the first step (see
+        :mod:`kd_plugins.integrations.cache_coverage`)."""
+        from kd_plugins.integrations.teacher_cache import TeacherCache
+
+        if not isinstance(source, TeacherCache):
+            return source
+        sequences = training_sequences(getattr(self, "train_dataset", None))
+        if sequences is None:
+            logger.warning("kd_plugins: the training data cannot be listed up front (an iterable dataset?), so the "
+                           "teacher cache is checked batch by batch")
+            return source
+        tokenizer = tokenizer_of(getattr(self, "processing_class", None))
+        eos = None if tokenizer is None else tokenizer.eos_token_id
+        return check_cache_covers(source, sequences, eos_token_id=eos, requirements=requirements)
+
+    @staticmethod
+    def _kd_has_logit_terms(config: KDConfig) -> bool:
         from kd_plugins.plugins import family_of
 
-        return any(family_of(t.name) == "logit" for t in self.kd_config.terms)
+        return any(family_of(t.name) == "logit" for t in config.terms)
 
     # --- optimizer ----------------------------------------------------------------------------------------
 
@@ -161,12 +320,29 @@ class KDTrainerMixin:
         self._kd_add_param_group(self.optimizer)
         return optimizer
 
-    def _kd_add_param_group(self, optimizer) -> None:
+    def _kd_add_param_group(self, optimizer, *, replacing: Distiller | None = None) -> None:
+        """Add the Distiller's trainable parameters as their own group, or -- replacing a previous Distiller --
+        put them in its group (same position, so the learning-rate scheduler's per-group base rates still line up)
+        and drop the old parameters' optimizer state."""
         params = [p for p in self.distiller.parameters() if p.requires_grad]
+        lr = self.kd_config.projector_lr if self.kd_config.projector_lr is not None else self.args.learning_rate
+        if replacing is not None:
+            old = {id(p) for p in replacing.parameters()}
+            for index, group in enumerate(optimizer.param_groups):
+                if old and any(id(p) in old for p in group["params"]):
+                    for p in group["params"]:
+                        optimizer.state.pop(p, None)
+                    group["params"] = params
+                    group["lr"] = lr
+                    if "initial_lr" in group:
+                        group["initial_lr"] = lr
+                    base_lrs = getattr(getattr(self, "lr_scheduler", None), "base_lrs", None)
+                    if isinstance(base_lrs, list) and index < len(base_lrs):
+                        base_lrs[index] = lr
+                    return
         present = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if not params or all(id(p) in present for p in params):
             return
-        lr = self.kd_config.projector_lr if self.kd_config.projector_lr is not None else self.args.learning_rate
         optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
 
     def _clip_grad_norm(self, model):
@@ -205,9 +381,23 @@ class KDTrainerMixin:
             self.kd_callback.save(folder)
         super()._save_checkpoint(model, trial)
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        # verify the checkpoint's KD state before the host loads anything (model, optimizer, scheduler, RNG): a
+        # refused resume changes nothing
+        folder = resume_from_checkpoint
+        if folder is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            folder = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        if isinstance(folder, (str, os.PathLike)):
+            self.kd_callback.read(os.fspath(folder), strict=self.kd_resume_requires_state)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        self.kd_callback.load(resume_from_checkpoint, strict=self.kd_resume_requires_state)  # fail before loading
+        state = self.kd_callback.read(resume_from_checkpoint, strict=self.kd_resume_requires_state)  # verified first
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if state is not None:
+            self.kd_callback.apply(state)
 
     # --- the step -----------------------------------------------------------------------------------------
 
@@ -248,10 +438,29 @@ class KDTrainerMixin:
         if plan.student_mode is StudentMode.HOST:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                           num_items_in_batch=num_items_in_batch)
-            return result if return_outputs else (result, None)
+            loss, outputs = result if return_outputs else (result, None)
+            return self._kd_masked_task_loss(loss, kd_inputs), outputs
         run_backbone(model, kd_inputs)
         self._kd_count_host_tokens(kd_inputs)
         return None, None
+
+    def _kd_masked_task_loss(self, loss: Tensor, kd_inputs: Mapping[str, Any]) -> Tensor:
+        """The host's loss, except on a micro-batch without a single target: there the host's cross-entropy is 0/0
+        (NaN for the ``transformers.Trainer``), which would make the whole step NaN -- and the Trainer logs NaN steps
+        as the running mean (0.0 on the first). It is an exact, gradient-free 0 instead, like every transfer term on
+        such a batch, and the micro-batch is counted in the logs (``kd/all_masked_micro_batches``)."""
+        labels = kd_inputs.get("labels")
+        if not isinstance(loss, Tensor) or not isinstance(labels, Tensor) or bool((labels != -100).any()):
+            return loss
+        self._kd_accumulate({"kd/all_masked_micro_batches": 1.0}, {})
+        if bool(torch.isfinite(loss).all()):
+            return loss
+        if not self.__dict__.get("_kd_masked_warned"):
+            self._kd_masked_warned = True
+            logger.warning("kd_plugins: a micro-batch at step %d has no target token (all labels -100); its task loss "
+                           "is 0 (the host's was %s) and only the transfer terms train on it", self.state.global_step,
+                           float(loss.detach()))
+        return torch.zeros((), dtype=loss.dtype, device=loss.device)
 
     def _kd_skip_transfer(self, model, inputs, batch: BatchContext, return_outputs, num_items_in_batch):
         """A step whose teacher outputs are not finite: raise, or train on the host's loss alone."""
@@ -302,6 +511,8 @@ class KDTrainerMixin:
         plain causal-LM CE, with the same normaliser and the same targets, and not the host's own 0/0 convention."""
         if not self.kd_host_loss_is_causal_lm_ce or not self._kd_host_is_plain_ce(model):
             return False
+        if not self._kd_full_vocabulary:
+            return False  # the logit terms see the shared sub-vocabulary; the host's CE is over the whole head
         if num_items_in_batch is not None and not scaled_for_ga:
             return False  # the CE's normaliser must be the logit terms' (num_items_in_batch only when scaled for GA)
         labels = kd_inputs.get("labels")
@@ -475,6 +686,7 @@ if _TRLDistillationTrainer is not None:
         """
 
         kd_host_loss_is_causal_lm_ce = False
+        kd_batches_are_dataset_rows = False
 
         def _kd_model_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
             input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
@@ -498,18 +710,45 @@ else:  # pragma: no cover
     KDDistillationTrainer = None  # type: ignore[assignment,misc]
 
 
-def enable_distillation(trainer: Trainer, *, teacher: Any, config: Any) -> Trainer:
+def enable_distillation(trainer: Trainer, *, teacher: Any = None, config: Any, teacher_tokenizer: Any = None) -> Trainer:
     """Upgrade an already-built trainer in place (and return it): its class becomes a subclass with
-    :class:`KDTrainerMixin`, then distillation is set up as if it had been constructed with
-    ``teacher=`` and ``kd_config=``."""
+    :class:`KDTrainerMixin`, then distillation is set up as if it had been constructed with ``teacher=``,
+    ``kd_config=`` and ``teacher_tokenizer=``.
+
+    Idempotent: called again on the same trainer (a re-run notebook cell), the new setup *replaces* the previous one
+    -- its :class:`DistillationCallback` and forward hooks are removed and its optimizer parameter group is replaced
+    -- and a call that is refused leaves the previous setup as it was."""
+    teacher_tokenizer_arg = {"teacher_tokenizer": teacher_tokenizer}
     if not isinstance(trainer, KDTrainerMixin):
         cls = type(trainer)
-        trainer.__class__ = type(f"KD{cls.__name__}", (KDTrainerMixin, cls), {"__module__": __name__})
-    trainer._kd_setup(teacher, config)
+        trainer.__class__ = _kd_class(cls)
+        try:
+            trainer._kd_setup(teacher, config, **teacher_tokenizer_arg)
+        except BaseException:
+            trainer.__class__ = cls  # refused: the trainer stays what it was
+            raise
+        return trainer
+    trainer._kd_setup(teacher, config, **teacher_tokenizer_arg)
     return trainer
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _kd_class(cls: type) -> type:
+    """The distilling subclass of a trainer class (one per class, so re-upgrading gives the same class)."""
+    return type(f"KD{cls.__name__}", (KDTrainerMixin, cls), {"__module__": __name__})
+
+
+def _is_teacher_cache(source: Any) -> bool:
+    from kd_plugins.integrations.teacher_cache import TeacherCache
+
+    return isinstance(source, TeacherCache)
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, (str, os.PathLike)) else type(value).__name__
 
 
 def _mean_over_contributing_ranks(tensor: Tensor, *, contributes: bool) -> Tensor:
@@ -526,17 +765,39 @@ def _mean_over_contributing_ranks(tensor: Tensor, *, contributes: bool) -> Tenso
 
 
 def _shared_params(student: nn.Module, spec: str) -> list[Tensor]:
-    """Resolve ``KDConfig.shared_params`` to student parameters for gradient-aware schedulers."""
+    """Resolve ``KDConfig.shared_params`` to student parameters for gradient-aware schedulers.
+
+    ``last_layer`` / ``final_norm`` on a frozen base (LoRA) fall back to what is trainable in the last block; a
+    substring that matches no parameter name is refused, naming the closest names."""
     base = unwrap_model(student)
-    decoder, _ = find_decoder(base)
+    decoder, prefix = find_decoder(base)
+    blocks, _ = decoder_blocks(decoder, prefix)
     if spec == "final_norm":
-        params = list(decoder.norm.parameters()) if hasattr(decoder, "norm") else []
+        params = list(final_norm(decoder, prefix)[0].parameters())
     elif spec == "last_layer":
-        params = list(decoder.layers[-1].parameters())
+        params = list(blocks[-1].parameters())
     else:
+        names = [name for name, _ in base.named_parameters()]
         params = [p for name, p in base.named_parameters() if spec in name]
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        # frozen (e.g. LoRA) bases: fall back to whatever is trainable in the last block
-        params = [p for p in decoder.layers[-1].parameters() if p.requires_grad]
-    return params
+        if not params:
+            raise ConfigError(_unknown_shared_params_message(spec, names, type(base).__name__))
+    trainable = [p for p in params if p.requires_grad]
+    if not trainable:
+        trainable = [p for p in blocks[-1].parameters() if p.requires_grad]
+        if spec not in ("final_norm", "last_layer"):
+            logger.warning("kd_plugins: shared_params=%r matches only frozen parameters; gradient-aware schedulers "
+                           "compare gradients on the trainable parameters of the last block instead", spec)
+    return trainable
+
+
+def _unknown_shared_params_message(spec: str, names: list[str], model: str) -> str:
+    candidates: dict[str, str] = {}
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts)):
+            for j in range(i + 1, len(parts) + 1):
+                candidates.setdefault(".".join(parts[i:j]), name)
+    close = difflib.get_close_matches(spec, list(candidates), n=4, cutoff=0.6)
+    hint = ("; close matches: " + ", ".join(f"{c!r} (e.g. {candidates[c]!r})" for c in close)) if close else ""
+    return (f"shared_params={spec!r} matches no parameter name of the student ({model}, {len(names)} parameters)"
+            f"{hint}; use 'last_layer', 'final_norm' or a substring of a parameter name such as {names[-1]!r}")

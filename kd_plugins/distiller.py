@@ -7,9 +7,13 @@ It never owns the student or the teacher: integrations capture their tensors and
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import inspect
+import json
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import pluggy
 import torch
@@ -287,32 +291,133 @@ class Distiller(nn.Module):
         CPU: safe to write with safetensors."""
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
 
-    def load_kd_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore what :meth:`kd_state_dict` produced; mismatched keys are an error that lists them."""
-        result = self.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
+    def check_kd_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Raise :class:`~kd_plugins.ConfigError` unless ``state`` fits this Distiller exactly: the same keys, each
+        with the same shape (the message lists missing and unexpected keys and every shape that differs). Changes
+        nothing."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [f"{key}: {tuple(state[key].shape)} in the file, {tuple(own[key].shape)} in this run"
+                  for key in sorted(set(own) & set(state)) if tuple(state[key].shape) != tuple(own[key].shape)]
+        if missing or unexpected or shapes:
+            parts = []
+            if missing or unexpected:
+                parts.append(f"missing {missing}, unexpected {unexpected}")
+            if shapes:
+                parts.append("shapes differ: " + "; ".join(shapes))
             raise ConfigError(
-                "KD state does not match this configuration: missing "
-                f"{result.missing_keys}, unexpected {result.unexpected_keys}. Was it saved with another KD config?"
+                f"KD state does not match this configuration: {'; '.join(parts)}. Was it saved with another KD config "
+                "(a changed term, proj_dim, layer map or model)? Resume with the configuration it was saved with, or "
+                "set allow_config_change_on_resume: true to restore only what still fits"
             )
+
+    def load_kd_state_dict(self, state: Mapping[str, Tensor], *, partial: bool = False) -> list[str]:
+        """Restore what :meth:`kd_state_dict` produced.
+
+        Args:
+            state: ``{name: tensor}``.
+            partial: restore only the tensors whose name and shape match this Distiller and leave the rest as they
+                are; otherwise (default) a state that does not fit exactly is refused (:meth:`check_kd_state_dict`)
+                and nothing is loaded.
+
+        Returns:
+            The names of this Distiller's tensors that were *not* restored (empty unless ``partial``).
+        """
+        if not partial:
+            self.check_kd_state_dict(state)
+            self.load_state_dict(dict(state), strict=True)
+            return []
+        own = self.state_dict()
+        fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        self.load_state_dict(fitting, strict=False)
+        return sorted(set(own) - set(fitting))
+
+    def resolved_config(self) -> dict[str, Any]:
+        """The configuration this Distiller was built from, with every builder default filled in, plus the shape
+        facts of both models: what a checkpoint's KD state depends on (stored in ``kd_state.safetensors`` and compared
+        on resume). JSON-compatible. ``teacher_cache`` and ``allow_config_change_on_resume`` are left out: they do not
+        change what is trained."""
+        config = self.config
+        terms = []
+        for term in config.terms:
+            builder = get_component(family_of(term.name, self._pm), term.name, self._pm).builder
+            options = {**_builder_defaults(builder, ("student", "teacher")), **term.options}
+            terms.append({"label": term.label, "name": term.name, "weight": term.weight, "options": options})
+        scheduler_builder = get_component("scheduler", config.scheduler.name, self._pm).builder
+        scheduler = {"name": config.scheduler.name,
+                     "options": {**_builder_defaults(scheduler_builder, ("base_weights",)), **config.scheduler.options}}
+        out: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                               if f.name not in ("terms", "scheduler", "teacher_cache", "allow_config_change_on_resume")}
+        out.update(terms=terms, scheduler=scheduler,
+                   student=_shape_facts(self.student_info), teacher=_shape_facts(self.teacher_info))
+        return json.loads(json.dumps(out, default=repr, sort_keys=True))
 
 
 def _call_builder(builder, what: str, fixed: dict[str, Any], options: dict[str, Any]):
-    try:
-        signature = inspect.signature(builder)
-    except (TypeError, ValueError):
-        signature = None
-    if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        accepted = [n for n in signature.parameters if n not in fixed]
+    accepted = _accepted_options(builder, tuple(fixed))
+    if accepted is not None:
         unknown = sorted(set(options) - set(accepted))
         if unknown:
-            raise ConfigError(f"{what}: unknown option(s) {unknown}; accepted options: {accepted}")
+            raise ConfigError(_unknown_options_message(what, unknown, accepted))
     try:
         return builder(**fixed, **options)
     except (ValueError, TypeError) as exc:
         if isinstance(exc, ConfigError) or type(exc).__module__.startswith("kd_plugins"):
             raise
+        unexpected = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+        if unexpected and unexpected.group(1) in options:
+            raise ConfigError(f"{what}: unknown option {unexpected.group(1)!r} ({exc})") from exc
         raise ConfigError(f"{what}: {exc}") from exc
+
+
+def _unknown_options_message(what: str, unknown: list[str], accepted: list[str]) -> str:
+    hints = [f"{key!r} -> did you mean {close[0]!r}?" for key in unknown
+             if (close := difflib.get_close_matches(key, accepted, n=1, cutoff=0.6))]
+    return (f"{what}: unknown option(s) {unknown}{' (' + '; '.join(hints) + ')' if hints else ''}; "
+            f"accepted options: {accepted}")
+
+
+def _option_parameters(builder, fixed: tuple[str, ...]) -> list[inspect.Parameter] | None:
+    """The builder's options as parameters: its keyword parameters other than ``fixed``; for a builder that forwards
+    ``**options`` to the class its return annotation names, that class's ``__init__`` parameters. None when the
+    accepted options cannot be known (a ``**kwargs`` all the way down)."""
+    try:
+        signature = inspect.signature(builder, eval_str=True)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to the plain signature
+        try:
+            signature = inspect.signature(builder)
+        except (TypeError, ValueError):
+            return None
+    params = [p for p in signature.parameters.values() if p.name not in fixed]
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        return [p for p in params if p.kind is not p.VAR_POSITIONAL]
+    target = signature.return_annotation
+    if not inspect.isclass(target):
+        return None
+    try:
+        init = inspect.signature(target.__init__)
+    except (TypeError, ValueError):
+        return None
+    extra = [p for p in init.parameters.values() if p.name != "self" and p.kind is not p.VAR_POSITIONAL]
+    if any(p.kind is p.VAR_KEYWORD for p in extra):
+        return None
+    named = [p for p in params if p.kind is not p.VAR_KEYWORD and p.kind is not p.VAR_POSITIONAL]
+    return named + [p for p in extra if p.name not in {q.name for q in named}]
+
+
+def _accepted_options(builder, fixed: tuple[str, ...]) -> list[str] | None:
+    params = _option_parameters(builder, fixed)
+    return None if params is None else [p.name for p in params]
+
+
+def _builder_defaults(builder, fixed: tuple[str, ...]) -> dict[str, Any]:
+    params = _option_parameters(builder, fixed) or []
+    return {p.name: p.default for p in params if p.default is not p.empty}
+
+
+def _shape_facts(info: ModelInfo) -> dict[str, int]:
+    return {f.name: getattr(info, f.name) for f in dataclasses.fields(info) if f.name != "name"}
 
 
 def _device_of(losses: dict[str, Tensor], task_loss: Tensor | None, batch: BatchContext) -> torch.device:

@@ -289,27 +289,52 @@ def integrations():
     return teachers
 
 
-def test_trainable_teacher_is_frozen_with_a_log_line(integrations, caplog):
+def test_trainable_teacher_object_is_left_as_passed_and_gets_no_gradient(integrations, caplog):
+    from kd_plugins import Requirements
+
     student, teacher = _tiny_llama(0), _tiny_llama(1)
     teacher.train()
     assert all(p.requires_grad for p in teacher.parameters())
     with caplog.at_level(logging.INFO, logger="kd_plugins.integrations.teachers"):
         resolved = integrations.resolve_teacher(teacher, student)
-    assert not any(p.requires_grad for p in resolved.model.parameters())
-    assert not resolved.model.training
+    # the user's object is not mutated: same object, flags and mode as passed
+    assert resolved.model is teacher and teacher.training
+    assert all(p.requires_grad for p in teacher.parameters())
+    capture = resolved.capture({"input_ids": torch.randint(0, 128, (2, 5))}, Requirements(final_hidden=True))
+    assert not capture.final_hidden.requires_grad  # run under no_grad
+    assert teacher.training  # eval mode only during the capture
     count = len(list(teacher.parameters()))
-    assert any(re.search(rf"freezing {count} trainable teacher parameter", r.getMessage()) for r in caplog.records)
+    assert any(re.search(rf"its {count} trainable parameter tensors get no gradient", r.getMessage())
+               for r in caplog.records)
 
 
-@pytest.mark.parametrize("teacher_dtype, setting, expected", [
-    (torch.float64, "auto", torch.float32),   # auto: the student's dtype
-    (torch.float32, "bfloat16", torch.bfloat16),
-    (torch.bfloat16, "float32", torch.float32),
-])
-def test_teacher_on_another_dtype_is_cast(integrations, teacher_dtype, setting, expected):
+@pytest.mark.parametrize("teacher_dtype", [torch.float64, torch.bfloat16])
+def test_teacher_object_keeps_its_dtype_with_auto(integrations, teacher_dtype):
     student, teacher = _tiny_llama(0), _tiny_llama(1, dtype=teacher_dtype)
-    resolved = integrations.resolve_teacher(teacher, student, dtype=setting)
+    resolved = integrations.resolve_teacher(teacher, student, dtype="auto")
+    assert resolved.model is teacher
+    assert {p.dtype for p in teacher.parameters()} == {teacher_dtype}  # not converted in place, no copy
+
+
+@pytest.mark.parametrize("teacher_dtype, setting", [(torch.float32, "bfloat16"), (torch.bfloat16, "float32")])
+def test_teacher_object_in_another_dtype_than_asked_is_refused(integrations, teacher_dtype, setting):
+    student, teacher = _tiny_llama(0), _tiny_llama(1, dtype=teacher_dtype)
+    with pytest.raises(ConfigError) as info:
+        integrations.resolve_teacher(teacher, student, dtype=setting)
+    message = str(info.value)
+    held = str(teacher_dtype).removeprefix("torch.")
+    for fragment in (f"teacher_dtype={setting!r}", f"holds {held} weights", "does not convert your object",
+                     f"teacher.to(torch.{setting})", "teacher_dtype: auto"):
+        assert fragment in message, (fragment, message)
+    assert {p.dtype for p in teacher.parameters()} == {teacher_dtype}
+
+
+@pytest.mark.parametrize("setting, expected", [("auto", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_teacher_path_is_loaded_in_the_asked_dtype(integrations, tmp_path, setting, expected):
+    _tiny_llama(1, dtype=torch.bfloat16).save_pretrained(tmp_path / "teacher")
+    resolved = integrations.resolve_teacher(str(tmp_path / "teacher"), _tiny_llama(0), dtype=setting)
     assert {p.dtype for p in resolved.model.parameters()} == {expected}
+    assert not any(p.requires_grad for p in resolved.model.parameters()) and not resolved.model.training
 
 
 def test_trust_remote_code_is_never_on_by_default(integrations, monkeypatch, tmp_path):
@@ -375,8 +400,14 @@ def test_kd_state_from_another_config_is_refused(integrations, tmp_path):
     import kd_plugins.integrations.transformers as glue
     glue.DistillationCallback(_distiller(ALIGNMENT_TERMS)).save(str(tmp_path))
     other = _distiller([{"name": "mse"}])
-    with pytest.raises(ConfigError, match=r"KD state does not match this configuration: missing .* unexpected"):
+    before = {k: v.clone() for k, v in other.kd_state_dict().items()}
+    with pytest.raises(ConfigError) as info:
         glue.DistillationCallback(other).load(str(tmp_path))
+    message = str(info.value)
+    for fragment in ("was saved with another KD configuration", "terms[contrastive]: 'contrastive' (weight 1.0) -> "
+                     "(absent)", "terms[cosine]", "allow_config_change_on_resume: true"):
+        assert fragment in message, (fragment, message)
+    assert all(torch.equal(before[k], v) for k, v in other.kd_state_dict().items())
 
 
 class _TokenDataset(torch.utils.data.Dataset):

@@ -296,8 +296,10 @@ class GradNormScheduler(AdaptiveScheduler):
         anchored = torch.tensor([k in self.anchors for k in self.names], dtype=torch.bool)
         active = (self.base.cpu() > 0) & ~anchored & torch.isfinite(norms) & (norms > 0)
         self._adapted = active
+        # a term whose loss is exactly 0 this step (nothing valid in the batch, e.g. all labels -100) has no gradient
+        # for that reason, not because the shared parameters are out of its reach
         unreached = [k for k, ok, b, a in zip(self.names, active.tolist(), self.base.tolist(), anchored.tolist())
-                     if b > 0 and not ok and not a]
+                     if b > 0 and not ok and not a and float(torch.as_tensor(losses[k]).detach()) != 0.0]
         if unreached and not self._warned_unreached:
             self._warned_unreached = True
             logger.warning(
