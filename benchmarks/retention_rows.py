@@ -225,7 +225,7 @@ def _train(student, kd: dict, teacher, tokenizer, train_blocks, args, run_dir: P
                           progress_bar=True)
     common = dict(model=student, args=sft_args, train_dataset=lm_dataset(train_blocks), processing_class=tokenizer)
     if kd.get("terms"):
-        trainer = KDSFTTrainer(teacher=teacher, kd_config=load_kd_config(kd), **common)
+        trainer = KDSFTTrainer(teacher=teacher, teacher_tokenizer=tokenizer, kd_config=load_kd_config(kd), **common)
     else:  # CE only: the plain host trainer, no teacher
         trainer = SFTTrainer(**common)
     started, started_cpu = time.perf_counter(), time.process_time()

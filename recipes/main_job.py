@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     trainer = KDSFTTrainer(
         model=student, args=sft_args, train_dataset=lm_dataset(train_blocks), processing_class=tokenizer,
-        teacher=teacher, kd_config=kd_config, callbacks=[time_limit_callback(args.max_minutes, say=clock.say)],
+        teacher=teacher, teacher_tokenizer=tokenizer, kd_config=kd_config, callbacks=[time_limit_callback(args.max_minutes, say=clock.say)],
     )
     train_start = time.perf_counter()
     trainer.train()

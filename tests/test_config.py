@@ -67,9 +67,10 @@ def test_yaml_is_loaded_safely(tmp_path):
     create a file, and the error is the safe loader's (not a later validation error of the constructed value)."""
     marker = tmp_path / "payload_ran"
     payload = f"ce_weight: !!python/object/apply:builtins.open ['{marker}', 'w']"
-    with pytest.raises(yaml.constructor.ConstructorError,
-                       match=r"could not determine a constructor for the tag '.*python/object/apply:builtins\.open'"):
+    with pytest.raises(ConfigError,
+                       match=r"could not determine a constructor for the tag '.*python/object/apply:builtins\.open'") as info:
         KDConfig.from_yaml(payload)
+    assert isinstance(info.value.__cause__, yaml.constructor.ConstructorError)
     assert not marker.exists(), "the YAML payload was executed"
 
 
@@ -100,7 +101,7 @@ def test_to_yaml_keeps_the_field_and_entry_order():
          "or false (always run the host trainer's own loss)"),
         (lambda: KDConfig(ce_weight=0.0),
          "KDConfig: no terms and ce_weight=0 leaves nothing to train; add a term or set ce_weight"),
-        (lambda: KDConfig.from_dict(["dkd"]), "KDConfig: expected a mapping, got list"),
+        (lambda: KDConfig.from_dict(["dkd"]), "KDConfig: expected a mapping of KD settings (ce_weight, terms, scheduler, ...), got list ['dkd']"),
         (lambda: TermConfig(name=""), "terms: name='' is invalid; expected a registered term name"),
         (lambda: TermConfig.from_dict(5), "terms: each entry must be a mapping with a 'name' key, got 5"),
         (lambda: TermConfig(name="dkd", options={"alpha": -1}),
