@@ -313,10 +313,9 @@ def find_decoder(model: nn.Module) -> tuple[nn.Module, str]:
 def decoder_blocks(decoder: nn.Module, prefix: str = "model", *, name: str = "model") -> tuple[nn.ModuleList, str]:
     """``(blocks, dotted path)`` of a decoder's block list (``layers``, or GPT-2's ``h``); raises
     :class:`~kd_plugins.IncompatibleModelsError` listing the supported architectures otherwise."""
-    for attribute in ("layers", "h"):
-        blocks = getattr(decoder, attribute, None)
-        if isinstance(blocks, nn.ModuleList):
-            return blocks, f"{prefix}.{attribute}"
+    found = _child(decoder, ("layers", "h"), nn.ModuleList, prefix)
+    if found is not None:
+        return found
     raise IncompatibleModelsError(
         f"{name}: expected the decoder blocks at '{prefix}.layers' (or '{prefix}.h') in {type(decoder).__name__}; "
         f"this architecture is not supported by FeatureCapture. {_supported()}"
@@ -325,14 +324,22 @@ def decoder_blocks(decoder: nn.Module, prefix: str = "model", *, name: str = "mo
 
 def final_norm(decoder: nn.Module, prefix: str = "model", *, name: str = "model") -> tuple[nn.Module, str]:
     """``(module, dotted path)`` of the decoder's final norm (``norm``, or GPT-2's ``ln_f``)."""
-    for attribute in ("norm", "ln_f"):
-        module = getattr(decoder, attribute, None)
-        if isinstance(module, nn.Module):
-            return module, f"{prefix}.{attribute}"
+    found = _child(decoder, ("norm", "ln_f"), nn.Module, prefix)
+    if found is not None:
+        return found
     raise IncompatibleModelsError(
         f"{name}: expected the final norm at '{prefix}.norm' (or '{prefix}.ln_f') in {type(decoder).__name__}. "
         f"{_supported()}"
     )
+
+
+def _child(decoder: nn.Module, attributes: tuple[str, ...], kind: type, prefix: str) -> tuple[nn.Module, str] | None:
+    """The first of ``attributes`` of ``decoder`` that is a ``kind``, with its dotted path, else None."""
+    for attribute in attributes:
+        module = getattr(decoder, attribute, None)
+        if isinstance(module, kind):
+            return module, f"{prefix}.{attribute}"
+    return None
 
 
 def _supported() -> str:
