@@ -420,6 +420,10 @@ class TeacherCache:
             raise TeacherCacheError(f"{where} holds teacher layers {self.layers}, the run needs layers {missing}; "
                                     "rebuild it with --layers including them")
 
+    def prepare(self, requirements: Requirements) -> None:
+        """The :class:`~kd_plugins.TeacherSource` check before training: :meth:`check_requirements`."""
+        self.check_requirements(requirements)
+
     def check_requirements(self, requirements: Requirements) -> None:
         """Refuse a distillation setup the cache cannot serve (teacher q/k/v, layers not cached)."""
         if requirements.teacher_qkv_layers:
@@ -520,6 +524,14 @@ class TeacherCache:
             rows[f"hidden.{layer}"] = self._hidden_codec.decode(
                 {suffix: read(f"hidden.{layer}{suffix}") for suffix in self._hidden_codec.suffixes()})
         return rows
+
+    def missing_rows(self, rows: Any) -> list[int]:
+        """Indices of ``rows`` (token-id sequences, or a dataset with ``input_ids``) that are not a cached example,
+        by content -- so a trainer can refuse a dataset the cache does not cover before its first step."""
+        if hasattr(rows, "column_names"):
+            rows = rows["input_ids"]
+        return [i for i, ids in enumerate(rows)
+                if _content_key(torch.as_tensor(list(ids), dtype=torch.int32)) not in self._by_key]
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -631,15 +643,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--shard_tokens", type=int, default=1 << 18)
     args = parser.parse_args(argv)
+    try:
+        return _run_cli(args)
+    except (OSError, ValueError, IndexError) as exc:  # bad input: a message, not a traceback (ConfigError is one)
+        if isinstance(exc, TeacherCacheError):
+            raise
+        raise TeacherCacheError(f"{type(exc).__name__}: {exc}") from exc
 
+
+def _run_cli(args: Any) -> int:
     started_group = _start_process_group()
     try:
+        rank, world = _rank_and_world()
+        try:
+            _check_cli_inputs(args)
+            problem = ""
+        except TeacherCacheError as exc:
+            problem = str(exc)
+        _agree(problem, rank, world)  # every rank refuses the same input, none is left waiting at a collective
         model, tokenizer, teacher_id = _load_teacher(args.teacher)
         data = _load_data(args, tokenizer)
         cache = cache_teacher(model, tokenizer, data, args.out, k=args.k, layers=args.layers, dtype=args.dtype,
                               logprob_bits=args.logprob_bits, hidden_codec=args.hidden_codec,
                               shard_tokens=args.shard_tokens, teacher_id=teacher_id, batch_size=args.batch_size)
-        rank, world = _rank_and_world()
         if rank == 0:
             ranks = f" by {world} ranks" if world > 1 else ""
             print(f"wrote {len(cache)} examples, {cache.manifest['num_tokens']} tokens to {cache.path}{ranks}: "
@@ -697,3 +723,33 @@ def _load_data(args: Any, tokenizer: Any) -> Any:
     from datasets import load_from_disk
 
     return load_from_disk(args.data)
+
+
+def _check_cli_inputs(args: Any) -> None:
+    """Refuse ``kd-plugins cache-teacher`` arguments that cannot work, naming them, before anything is loaded."""
+    from kd_plugins.integrations.teachers import looks_like_hub_id
+
+    if args.teacher != "smollm2" and not Path(args.teacher).exists() and not looks_like_hub_id(args.teacher):
+        raise TeacherCacheError(f"--teacher {args.teacher!r} does not exist (no folder {Path(args.teacher).resolve()});"
+                                " pass a saved model folder (with its tokenizer), a hub id or 'smollm2'")
+    if args.data != "pydoc_topics":
+        data = Path(args.data)
+        if not data.exists():
+            raise TeacherCacheError(f"--data {args.data!r} does not exist ({data.resolve()}); pass 'pydoc_topics', a "
+                                    "folder saved with Dataset.save_to_disk, or a JSON file with a list of token-id "
+                                    "lists")
+        if args.data.endswith(".json"):
+            try:
+                blocks = json.loads(data.read_text())
+            except ValueError as exc:
+                raise TeacherCacheError(f"--data {args.data!r} is not valid JSON ({exc}); expected a list of token-id "
+                                        "lists such as [[1, 2, 3], [4, 5]]") from exc
+            if not (isinstance(blocks, list) and blocks and all(isinstance(b, list) and b and all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in b) for b in blocks)):
+                raise TeacherCacheError(f"--data {args.data!r} must hold a non-empty list of non-empty token-id lists "
+                                        "such as [[1, 2, 3], [4, 5]]")
+    if args.k < 1:
+        raise TeacherCacheError(f"--k {args.k} is invalid; expected an integer >= 1")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TeacherCacheError(f"--out {args.out!r} exists and is not an empty folder; choose a new directory")

@@ -127,13 +127,13 @@ def test_two_ranks_write_the_single_process_cache_row_for_row(runs, name):
         assert torch.equal(capture.topk_indices[row, :n], single.example(i)["topk_indices"])
 
 
-def test_a_refusal_on_rank_0_stops_every_rank(runs):
-    """The output directory is not empty: rank 0 finds it, and both ranks exit with the error (nobody waits at a
-    barrier, nothing is written)."""
+def test_a_refused_output_directory_stops_every_rank(runs):
+    """The output directory is not empty: the CLI's input check refuses it on every rank before the teacher is
+    loaded, and both ranks exit with the message (nobody waits at a collective, nothing is written)."""
     root, _, codes = runs
     assert codes["taken"] != 0
     log = (root / "taken.log").read_text()
-    assert "exists and is not empty" in log and "failed on another rank" in log
+    assert log.count("exists and is not an empty folder; choose a new directory") == 2
     assert sorted(p.name for p in (root / "taken").iterdir()) == ["something"]
 
 
