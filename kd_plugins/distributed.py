@@ -12,6 +12,8 @@ are replicated on every rank, and these helpers keep the replicas equal.
   <kd_plugins.capture.FeatureCapture>` uses it for the LM head the logit terms project.
 * :func:`probe_parameters` -- the tensors a gradient-aware scheduler should differentiate (``shared_params``) under
   FSDP2, read after the forward, refusing parameters that are sharded at that point.
+* :func:`clip_grad_norm_jointly` -- ``max_grad_norm`` over the sharded student and the replicated Distiller together
+  (one norm: the student's over all shards, the Distiller's counted once).
 * :func:`save_kd_state` -- the KD-state file, written once (rank 0), every rank waiting until it exists.
 
 Under FSDP2 (``torch.distributed.fsdp.fully_shard``) a module's parameters are ``DTensor`` shards outside its
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:  # pragma: no cover
     from kd_plugins.distiller import Distiller
 
-__all__ = ["average_gradients", "cross_rank_mean", "gather_sharded", "is_sharded", "probe_parameters",
+__all__ = ["average_gradients", "clip_grad_norm_jointly", "cross_rank_mean", "gather_sharded", "is_sharded", "probe_parameters",
            "save_kd_state", "world_size"]
 
 KD_STATE_NAME = "kd_state.safetensors"
@@ -136,6 +138,46 @@ def probe_parameters(params: Iterable[Tensor] | nn.Module) -> list[Tensor]:
             "reshard_after_forward=False), or use parameters of the root module (e.g. the final norm)"
         )
     return tensors
+
+
+def clip_grad_norm_jointly(sharded: Iterable[Tensor], replicated: Iterable[Tensor], max_norm: float, *,
+                           sharded_norm: Tensor | None = None) -> Tensor:
+    """Clip the gradients of a sharded student and of the replicated Distiller to one joint L2 norm; return the
+    pre-clip norm (equal on every rank).
+
+    ``torch.nn.utils.clip_grad_norm_`` cannot take both: the student's FSDP2 gradients are ``DTensor`` shards whose
+    norm needs a collective, the Distiller's are plain tensors, identical on every rank once :func:`average_gradients`
+    ran (counted once, not summed over ranks). The joint norm is ``sqrt(student**2 + distiller**2)`` and every
+    gradient is scaled by ``min(1, max_norm / (norm + 1e-6))``, as ``clip_grad_norm_`` does.
+
+    Args:
+        sharded: the student's parameters (``DTensor`` or plain; their gradients' norm is global).
+        replicated: the Distiller's parameters.
+        max_norm: ``max_grad_norm``; ``inf`` only measures.
+        sharded_norm: the student's global gradient norm when the caller has it already (FSDP1's
+            ``model.clip_grad_norm_(inf)``, whose gradients are flat shards).
+    """
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    sharded = [p for p in sharded if p.grad is not None]
+    replicated = [p for p in replicated if p.grad is not None]
+    norms = []
+    if sharded_norm is not None:
+        norms.append(torch.as_tensor(sharded_norm, dtype=torch.float32).reshape(()))
+    elif sharded:
+        norm = get_total_norm([p.grad for p in sharded])
+        norms.append((norm.full_tensor() if is_sharded(norm) else norm).float())
+    if replicated:
+        norms.append(get_total_norm([p.grad for p in replicated]).float())
+    if not norms:
+        return torch.zeros(())
+    device = norms[0].device
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    if max_norm != float("inf"):
+        for group in (sharded, replicated):
+            if group:
+                clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 def save_kd_state(distiller: "Distiller", folder: str | os.PathLike) -> str:

@@ -15,7 +15,10 @@ Student and teacher are the tiny random Llamas of ``_train_script.py``; under ``
   The LM head stays in the root unit; the last block (``shared_params``) is wrapped with
   ``reshard_after_forward=False`` and read with :func:`kd_plugins.distributed.probe_parameters` after the forward.
 
-Writes ``log_rank{r}.json`` (per step: loss, rank-mean term losses, weights), ``grads_rank{r}.safetensors`` (the
+``--max-grad-norm`` clips the student and the Distiller together (:func:`kd_plugins.distributed.clip_grad_norm_jointly`
+under FSDP2, ``torch.nn.utils.clip_grad_norm_`` over both in one process).
+
+Writes ``log_rank{r}.json`` (per step: loss, rank-mean term losses, weights, pre-clip gradient norm), ``grads_rank{r}.safetensors`` (the
 full student and Distiller gradients of every step) and ``final_rank{r}.safetensors`` (student weights, KD state),
 and the KD-state checkpoint ``ckpt/kd_state.safetensors`` through :func:`kd_plugins.distributed.save_kd_state`,
 counting in ``saves_rank{r}.json`` how many files each rank wrote.
@@ -40,6 +43,7 @@ from kd_plugins import BatchContext, Distiller, ModelInfo  # noqa: E402
 from kd_plugins.capture import FeatureCapture, run_backbone  # noqa: E402
 from kd_plugins.distributed import (  # noqa: E402
     average_gradients,
+    clip_grad_norm_jointly,
     cross_rank_mean,
     probe_parameters,
     save_kd_state,
@@ -68,6 +72,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--case", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--max-grad-norm", type=float, default=float("inf"),
+                        help="clip student and Distiller jointly (FSDP2: clip_grad_norm_jointly; one process: "
+                             "torch.nn.utils.clip_grad_norm_ over both)")
     parser.add_argument("--reshard-probe-block", action="store_true",
                         help="negative control: let the last block reshard after its forward (gradnorm's probe fails)")
     args = parser.parse_args(argv)
@@ -141,6 +148,11 @@ def main(argv=None) -> None:
             summary = cross_rank_mean(summary)
             entry["loss"] = float(summary[0])
             entry["losses"] = dict(zip(entry["losses"], map(float, summary[1:])))
+        if distributed:
+            norm = clip_grad_norm_jointly(student.parameters(), distiller.parameters(), args.max_grad_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_([*student.parameters(), *distiller.parameters()], args.max_grad_norm)
+        entry["grad_norm"] = float(norm)
         for name, param in [*(("student." + n, p) for n, p in student.named_parameters()),
                             *(("kd." + n, p) for n, p in distiller.named_parameters())]:
             if param.grad is not None:

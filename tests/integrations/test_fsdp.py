@@ -2,7 +2,9 @@
 PyTorch loop over the core API with student and teacher sharded by ``torch.distributed.fsdp.fully_shard``.
 
 Two ranks of 2 rows equal one process with the same 4 rows per step, over 4 steps: the logged losses (rank means),
-every student and Distiller gradient of every step, the scheduler's weights and the final weights and KD state.
+every student and Distiller gradient of every step, clipped jointly to ``max_grad_norm`` (``clip_grad_norm_jointly``
+against ``torch.nn.utils.clip_grad_norm_`` over both in one process), the pre-clip norms, the scheduler's weights
+and the final weights and KD state.
 
 * ``contrastive`` (forward KL + contrastive + CE): the single process runs the ranks' two micro-batches, gradients
   accumulated (the contrastive negatives are one micro-batch's tokens); the student's LM head is its own
@@ -36,6 +38,7 @@ from .test_distributed import _finish, _free_port
 SCRIPT = Path(__file__).with_name("_fsdp_script.py")
 REPO = SCRIPT.parents[2]
 STEPS = 4
+MAX_NORM = 0.5  # below every step's gradient norm (about 1.2): clipping is active at every step
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +50,8 @@ def _launch(out: Path, *, ranks: int, case: str, extra: tuple[str, ...] = ()) ->
     if ranks > 1:  # torchrun through this interpreter (see test_distributed)
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
                      "--master_port", str(_free_port())]
-    args = [str(SCRIPT), "--out", str(out), "--case", case, "--steps", str(STEPS), *extra]
+    args = [str(SCRIPT), "--out", str(out), "--case", case, "--steps", str(STEPS), "--max-grad-norm", str(MAX_NORM),
+            *extra]
     log = open(out / "stdout.txt", "w")
     return subprocess.Popen([*launcher, *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -87,6 +91,9 @@ def test_fsdp2_equals_one_process(runs, case):
             assert fsdp["losses"][label] == pytest.approx(value, rel=1e-5, abs=1e-7), (fsdp["step"], label)
         assert fsdp["weights"] == other["weights"]
         assert fsdp["weights"] == pytest.approx(single["weights"], rel=1e-6), fsdp["step"]
+        # the joint clip (sharded student + replicated Distiller) measures the single process's norm and clips
+        assert fsdp["grad_norm"] == other["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
+        assert fsdp["grad_norm"] > MAX_NORM
     # every parameter's gradient at every step, the LM head's included (it is the logit term's), and the projectors'
     assert grads0.keys() == single_grads.keys()
     assert any(".lm_head." in k for k in grads0) and any(k.split(".", 1)[1].startswith("kd.") for k in grads0)
