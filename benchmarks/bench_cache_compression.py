@@ -90,6 +90,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "threads": args.threads, "k": args.k, "steps": args.steps,
         "eval_blocks": len(setup["heldout"]), "kept_layers": setup["kept"], "cached_layers": setup["layers"],
         "train_tokens": sum(map(len, setup["train"])),
+        "loss_error_blocks": len(setup["train"][:32]), "loss_error_tokens": sum(map(len, setup["train"][:32])),
     }
     result["bytes"] = _bytes(setup, work, args)
     if not args.skip_training:
@@ -395,7 +396,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {LOGIT_OPTIONS[option]} | {a['measured_total']:.0f} | {a['logits']:.0f} | "
                      f"{b['measured_total']:.0f} | {b['logits']:.0f} |")
     err = result["loss_error"]
-    lines += ["", "(b) Loss error against the uncompressed cache, 32 training blocks (4,096 tokens). Teacher "
+    n_blocks, n_tokens = result["loss_error_blocks"], result["loss_error_tokens"]
+    lines += ["", f"(b) Loss error against the uncompressed cache, {n_blocks} training blocks ({n_tokens:,} tokens). Teacher "
               "buckets (top-k + tail): total variation per token. Losses: |Δ value| / value and ‖Δ grad‖ / ‖grad‖ "
               "(gradient with respect to the student's final hidden states).", "",
               "| log-probs | teacher TV mean | TV p99 | TV max | mean abs Δ log-prob |", "|---|---:|---:|---:|---:|"]
@@ -404,7 +406,7 @@ def markdown(result: dict) -> str:
                      f"{row['logprob_abs_err_mean']:.2e} |")
     n_small = next(iter(err["tail"].values()))["small_tails"]
     lines += ["", "Tail mass implied by the decoded top-k (`1 - sum(exp(top-k))`, what the sparse losses use) against "
-              f"the exact tail from the teacher's logits in fp64 ({n_small} of 4,096 tokens have a tail below 1e-4):",
+              f"the exact tail from the teacher's logits in fp64 ({n_small} of {n_tokens:,} tokens have a tail below 1e-4):",
               "", "| log-probs | max abs error | mean abs error | median relative error, tails < 1e-4 |",
               "|---|---:|---:|---:|"]
     for option, row in err["tail"].items():
