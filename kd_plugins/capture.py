@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from kd_plugins.distributed import gather_sharded
 from kd_plugins.errors import IncompatibleModelsError
 from kd_plugins.types import ModelCapture, ModelInfo
 
@@ -200,6 +201,9 @@ class FeatureCapture:
             head = unwrap_model(self.model).get_output_embeddings()
             capture.final_hidden = self._final
             weight, bias = lm_head_parameters(head)
+            # FSDP2: a head resharded after its forward is a DTensor shard here; the terms need all of it
+            weight = gather_sharded(weight)
+            bias = None if bias is None else gather_sharded(bias)
             if self._vocab_rows is not None:
                 weight = weight[: self._vocab_rows]
                 bias = None if bias is None else bias[: self._vocab_rows]
