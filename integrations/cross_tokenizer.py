@@ -22,7 +22,8 @@ from torch import Tensor
 from kd_plugins.alignment_spans import SharedVocabulary, SpanAlignment, align_offsets
 from kd_plugins.errors import ConfigError
 
-__all__ = ["CrossTokenBatch", "CrossTokenizer", "shared_tokens"]
+__all__ = ["CROSS_TOKENIZER_TERMS", "CrossTokenBatch", "CrossTokenizer", "check_cross_tokenizer_terms", "cross_tokenizer_for",
+           "cross_tokenizer_term_error", "shared_tokens"]
 
 # word-start markers of byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) and of SentencePiece (Llama 2, Mistral):
 # both stand for a space, so "Ġthe" and "▁the" are one string
@@ -200,3 +201,65 @@ def _padded(rows: list[list[int]], width: int, pad: int) -> dict[str, Tensor]:
         ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[b, : len(row)] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+CROSS_TOKENIZER_TERMS = ("contrastive", "mse", "cosine", "uld", "cross_vocab_kd")
+
+
+def cross_tokenizer_for(
+    student_tokenizer: Any,
+    teacher_tokenizer: Any,
+    *,
+    teacher_kind: str = "model",
+    padding_free: bool = False,
+) -> CrossTokenizer | None:
+    """The :class:`CrossTokenizer` of a run configured with ``cross_tokenizer: true``, checked before training; None
+    when both tokenizers are one (the teacher then reads the student's ids as usual).
+
+    Args:
+        student_tokenizer, teacher_tokenizer: the two tokenizers, or None where unknown.
+        teacher_kind: ``"model"`` (a live teacher), ``"self"`` or ``"cache"`` -- only a live teacher can read its own
+            tokenization.
+        padding_free: the host packs rows without padding (``padding_free`` / ``packing``).
+
+    Raises:
+        ConfigError: a tokenizer is unknown, the teacher is not a live model, or the batches are packed.
+    """
+    if teacher_kind == "self":
+        raise ConfigError("cross_tokenizer: true with teacher='self': the student's own base reads the student's "
+                          "tokens; drop cross_tokenizer")
+    if teacher_kind == "cache":
+        raise ConfigError("cross_tokenizer: true with a teacher cache: a cache holds the teacher's outputs on the "
+                          "student's tokens, not on its own tokenization; use the live teacher (teacher=<model or "
+                          "path>)")
+    missing = [what for what, tok in (("the student's (the trainer's processing_class)", student_tokenizer),
+                                      ("the teacher's (teacher_tokenizer=)", teacher_tokenizer)) if tok is None]
+    if missing:
+        raise ConfigError(f"cross_tokenizer: true needs both tokenizers to rebuild each example's text and align "
+                          f"the two tokenizations, but {' and '.join(missing)} tokenizer is unknown; pass it "
+                          "(kd-plugins sft: teacher_tokenizer: PATH)")
+    if student_tokenizer is teacher_tokenizer or student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab():
+        return None
+    if padding_free:
+        raise ConfigError("cross_tokenizer: true cannot rebuild the texts of padding-free (packed) batches; set "
+                          "padding_free=False and packing=False in the training arguments")
+    return CrossTokenizer(student_tokenizer, teacher_tokenizer)
+
+
+def check_cross_tokenizer_terms(terms: Mapping[str, Any]) -> None:
+    """Refuse terms that cannot compare models with different tokenizers (``cross_tokenizer = False``).
+
+    Raises:
+        ConfigError: names the terms and the built-in ones that can.
+    """
+    unable = [f"{label} ({type(term).__name__})" for label, term in terms.items()
+              if not term.cross_tokenizer]
+    if unable:
+        raise cross_tokenizer_term_error(f"terms {unable} compare positions of one tokenization (they do not declare "
+                                         "cross_tokenizer = True)")
+
+
+def cross_tokenizer_term_error(problem: str) -> ConfigError:
+    """The refusal of a term that cannot run across tokenizers: ``problem``, then the terms that can."""
+    return ConfigError(f"cross_tokenizer: true, but {problem}; use terms that compare aligned spans: "
+                       f"{', '.join(CROSS_TOKENIZER_TERMS)}")
