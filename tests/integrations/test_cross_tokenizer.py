@@ -94,3 +94,17 @@ def test_shared_tokens_are_the_strings_both_vocabularies_hold():
     assert teacher.pad_token_id not in shared.teacher_ids.tolist()
     expected = {w for w in student.get_vocab() if w in teacher.get_vocab() and w not in ("<pad>", "<eos>")}
     assert {s_vocab[s] for s, _ in pairs} >= expected
+
+
+def test_the_checks_of_a_cross_tokenizer_run():
+    from kd_plugins.integrations.cross_tokenizer import cross_tokenizer_for
+
+    student, teacher = byte_bpe(), wordpiece()
+    assert isinstance(cross_tokenizer_for(student, teacher), CrossTokenizer)
+    assert cross_tokenizer_for(student, byte_bpe()) is None  # one tokenizer: nothing to align
+    with pytest.raises(ConfigError, match="with a teacher cache: a cache holds the teacher's outputs on the student's"):
+        cross_tokenizer_for(student, None, teacher_kind="cache")
+    with pytest.raises(ConfigError, match=r"the student's \(the trainer's processing_class\) tokenizer is unknown"):
+        cross_tokenizer_for(None, teacher)
+    with pytest.raises(ConfigError, match="padding-free"):
+        cross_tokenizer_for(student, teacher, padding_free=True)
