@@ -140,8 +140,8 @@ def _params(counts: dict) -> dict:
 
 
 def _table(results: dict) -> str:
-    lines = ["| model | vocab | bits/char | params (M) | non-embedding (M) | total reduction | non-embedding reduction | "
-             "steps | train CPU-s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | vocab | bits/char | params (M) | non-embedding (M) | total reduction | "
+             "non-embedding reduction | steps | train CPU-s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["rows"].items():
         lines.append(f"| {name} | {r['vocab']} | {r['bits_per_char']:.3f} | {r['params_total_m']:.1f} | "
                      f"{r['params_non_embedding_m']:.1f} | {r['total_reduction']:.1%} | "

@@ -22,7 +22,8 @@ from torch import Tensor
 from kd_plugins.alignment_spans import SharedVocabulary, SpanAlignment, align_offsets
 from kd_plugins.errors import ConfigError
 
-__all__ = ["CROSS_TOKENIZER_TERMS", "CrossTokenBatch", "CrossTokenizer", "check_cross_tokenizer_terms", "cross_tokenizer_for",
+__all__ = ["CROSS_TOKENIZER_TERMS", "CrossTokenBatch", "CrossTokenizer", "check_cross_tokenizer_terms",
+           "cross_tokenizer_for",
            "cross_tokenizer_term_error", "shared_tokens"]
 
 # word-start markers of byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) and of SentencePiece (Llama 2, Mistral):

@@ -217,8 +217,8 @@ class KDConfig:
         if self.teacher_cache is not None:
             self.teacher_cache = os.fspath(self.teacher_cache)
         if not isinstance(self.cross_tokenizer, bool):
-            raise ConfigError(f"KDConfig: cross_tokenizer={self.cross_tokenizer!r} is invalid; expected true (a teacher "
-                              "with another tokenizer reads its own tokens) or false")
+            raise ConfigError(f"KDConfig: cross_tokenizer={self.cross_tokenizer!r} is invalid; expected true (a "
+                              "teacher with another tokenizer reads its own tokens) or false")
         if not isinstance(self.allow_config_change_on_resume, bool):
             raise ConfigError(f"KDConfig: allow_config_change_on_resume={self.allow_config_change_on_resume!r} is "
                               "invalid; expected true or false")

@@ -4,8 +4,9 @@
   the teacher's tokenizer pipeline (normaliser, pre-tokeniser, special tokens), via ``train_new_from_iterator``;
 * :func:`embeddings_from_teacher` -- each new token's embedding row: the mean of the teacher's rows of the teacher
   tokens its string splits into (special tokens: the teacher's row of the same special token);
-* :func:`derive_new_vocabulary_student` -- the teacher's blocks kept as :func:`~kd_plugins.recipes.student.derive_student`
-  keeps them, the embedding (and a tied LM head) replaced by the new vocabulary's;
+* :func:`derive_new_vocabulary_student` -- the teacher's blocks kept as
+  :func:`~kd_plugins.recipes.student.derive_student` keeps them, the embedding (and a tied LM head) replaced by
+  the new vocabulary's;
 * :func:`bits_per_character` -- a language-modelling score that two tokenizers can share: the summed next-token
   negative log-likelihood of a text over its characters.
 
@@ -40,7 +41,8 @@ def train_student_tokenizer(teacher_tokenizer: Any, texts: Iterable[str], vocab_
     return teacher_tokenizer.train_new_from_iterator(list(texts), vocab_size)
 
 
-def embeddings_from_teacher(teacher_embedding: torch.Tensor, teacher_tokenizer: Any, student_tokenizer: Any) -> torch.Tensor:
+def embeddings_from_teacher(teacher_embedding: torch.Tensor, teacher_tokenizer: Any,
+                            student_tokenizer: Any) -> torch.Tensor:
     """``(V_student, H)``: row ``i`` is the mean of the teacher's embedding rows of the teacher tokens that student
     token ``i``'s string splits into.
 

@@ -14,7 +14,8 @@ from kd_plugins.types import BatchContext, ModelCapture, ModelInfo
 from tests.test_functional_alignment import naive_infonce
 
 STUDENT = ModelInfo(hidden_size=6, num_layers=2, num_heads=3, num_kv_heads=1, head_dim=2, vocab_size=11, name="student")
-TEACHER = ModelInfo(hidden_size=10, num_layers=3, num_heads=5, num_kv_heads=5, head_dim=2, vocab_size=17, name="teacher")
+TEACHER = ModelInfo(hidden_size=10, num_layers=3, num_heads=5, num_kv_heads=5, head_dim=2, vocab_size=17,
+                    name="teacher")
 TS, TT = 7, 5
 # row 0: student splits what the teacher keeps whole and the other way round; row 1: padding on both sides
 SPANS = [[(0, 2, 0, 1), (2, 3, 1, 3), (3, 6, 3, 4), (6, 7, 4, 5)], [(1, 2, 0, 1), (2, 4, 1, 2)]]

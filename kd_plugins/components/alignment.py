@@ -197,8 +197,8 @@ class _RegressionAlignmentLoss(_PairedFeatureTerm):
 
     normalizer = Normalizer.TOKENS
 
-    def __init__(self, layer_pairs: Sequence[tuple[int, int]], student_dim: int, teacher_dim: int, *, projector="linear",
-                 span_pooling: str = "mean"):
+    def __init__(self, layer_pairs: Sequence[tuple[int, int]], student_dim: int, teacher_dim: int, *,
+                 projector="linear", span_pooling: str = "mean"):
         super().__init__(layer_pairs, span_pooling=span_pooling)
         self.projectors = nn.ModuleList(build_projector(student_dim, teacher_dim, projector) for _ in self.layer_pairs)
 
