@@ -80,7 +80,7 @@ ce:
   description: "CE only: plain SFT on the training text (next-token cross-entropy), no teacher signal"
   kd: {ce_weight: 1.0, terms: []}
 fkl:
-  description: forward-KL logit KD at T = 1 (what TRL / Axolotl / DistillKit do); the main job's config
+  description: forward-KL logit KD at T = 1 (what TRL / Axolotl / DistillKit do); the main job's earlier default
   kd:
     ce_weight: 0.0
     terms: [{name: forward_kl, weight: 1.0, temperature: 1.0}]

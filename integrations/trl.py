@@ -54,6 +54,7 @@ from kd_plugins.capture import (
 )
 from kd_plugins.config import KDConfig
 from kd_plugins.distiller import Distiller
+from kd_plugins.distributed import cross_rank_mean, probe_parameters
 from kd_plugins.errors import ConfigError, IncompatibleModelsError, KDError
 from kd_plugins.functional import shift_labels
 from kd_plugins.integrations.cache_coverage import check_cache_covers, training_sequences
@@ -63,6 +64,7 @@ from kd_plugins.integrations.cross_tokenizer import (
     cross_tokenizer_for,
     cross_tokenizer_term_error,
 )
+from kd_plugins.integrations.sharding import check_sharded_setup, clip_jointly, prepare_teacher, sharded_kind
 from kd_plugins.integrations.teachers import LiveTeacher, check_compatible, model_info, resolve_teacher
 from kd_plugins.integrations.transformers import DistillationCallback
 from kd_plugins.integrations.vocabulary import shared_vocabulary, teacher_tokenizer_of, tokenizer_of
@@ -184,6 +186,7 @@ class KDTrainerMixin:
         if isinstance(teacher, str) and teacher != "self" and attn:
             load_kwargs["attn_implementation"] = attn  # a teacher path follows the student (sdpa, flash, ...)
         source: TeacherSource = resolve_teacher(teacher, student, dtype=config.teacher_dtype, **load_kwargs)
+        source = self._kd_prepare_teacher(source)
         if not self.kd_batches_are_dataset_rows and _is_teacher_cache(source):
             raise ConfigError(f"{type(self).__name__} trains on completions it generates, which a teacher cache "
                               "cannot hold; use a live teacher (a model or its path)")
@@ -211,6 +214,7 @@ class KDTrainerMixin:
             check_cross_tokenizer_terms(distiller.terms)
         check_compatible(student_info, teacher_info,
                          req if cross is None else dataclasses.replace(req, final_hidden=False))
+        check_sharded_setup(getattr(self, "accelerator", None), req)
         capture = FeatureCapture(student, info=student_info, layers=req.student_layers,
                                  qkv_layers=req.student_qkv_layers, final_hidden=req.final_hidden)
         setup = _DistillationSetup(config=config, teacher=source, distiller=distiller, requirements=req,
@@ -249,6 +253,24 @@ class KDTrainerMixin:
         setup.student_capture.remove()
         if not keep_teacher and isinstance(setup.teacher, LiveTeacher):
             setup.teacher.close()
+
+    def _kd_prepare_teacher(self, source: TeacherSource) -> TeacherSource:
+        """Under FSDP / DeepSpeed a live teacher (not ``self``: that is the student) is wrapped by the accelerator's
+        setup (:func:`~kd_plugins.integrations.sharding.prepare_teacher`); elsewhere it stays as it is."""
+        accelerator = getattr(self, "accelerator", None)
+        if not isinstance(source, LiveTeacher) or source.is_self or sharded_kind(accelerator) is None:
+            return source
+        return LiveTeacher(prepare_teacher(source.model, accelerator), info=source.info)
+
+    def _kd_probe_params(self, step: int) -> list[Tensor] | None:
+        """The gradient-aware scheduler's shared parameters for this step. Under FSDP they are resolved again after
+        the student's forward (the wrapper replaced the ones resolved at setup) on the steps that probe, and refused
+        when FSDP resharded them (:func:`~kd_plugins.distributed.probe_parameters`)."""
+        if sharded_kind(getattr(self, "accelerator", None)) != "fsdp":
+            return self._kd_shared_params
+        if not self.distiller.scheduler.needs_gradients(step):
+            return None
+        return probe_parameters(_shared_params(self.model, self.kd_config.shared_params))
 
     def _kd_teacher_argument(self, teacher: Any, config: KDConfig) -> Any:
         if config.teacher_cache is not None:
@@ -382,18 +404,22 @@ class KDTrainerMixin:
         """Clip the joint gradient of the student and the Distiller (projectors, learned temperatures, scheduler
         parameters) to ``max_grad_norm``: the Distiller is outside the wrapped model, so the Trainer's own clip
         would leave it out. Returns the joint pre-clip norm (logged as ``grad_norm``). The Distiller's gradients
-        are averaged across ranks first, so every rank clips with the same norm. FSDP, DeepSpeed, XLA and
-        mixed-mesh models keep the Trainer's clip (the Distiller is not clipped there)."""
+        are averaged across ranks first, so every rank clips with the same norm. Under FSDP the sharded student's
+        norm and the replicated Distiller's are combined (:func:`~kd_plugins.integrations.sharding.clip_jointly`).
+        DeepSpeed (its engine clips), XLA and mixed-mesh models keep the Trainer's clip (the Distiller is not
+        clipped there)."""
         params = [p for p in self.distiller.parameters() if p.requires_grad]
         if not params or not self._kd_can_clip_jointly(model):
             return super()._clip_grad_norm(model)
         self.kd_callback.average_gradients()
+        if sharded_kind(self.accelerator) == "fsdp":
+            return clip_jointly(model, params, self.args.max_grad_norm, self.accelerator)
         return self.accelerator.clip_grad_norm_([*model.parameters(), *params], self.args.max_grad_norm)
 
     def _kd_can_clip_jointly(self, model) -> bool:
         from accelerate.utils import DistributedType
 
-        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.XLA):
+        if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.XLA):
             return False
         if getattr(self, "optimizer", None) is not None and hasattr(self.optimizer, "clip_master_grads"):
             return False  # SageMaker model parallel clips its master gradients itself
@@ -431,6 +457,18 @@ class KDTrainerMixin:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if state is not None:
             self.kd_callback.apply(state)
+        self._kd_restored_from = os.path.abspath(resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # under DeepSpeed the Trainer loads a checkpoint with deepspeed_load_checkpoint, never _load_from_checkpoint:
+        # the KD state is restored here then (this runs on every resume, after the model is loaded)
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.__dict__.get("_kd_restored_from") == os.path.abspath(checkpoint):
+            return
+        state = self.kd_callback.read(checkpoint, strict=self.kd_resume_requires_state)
+        if state is not None:
+            self.kd_callback.apply(state)
+        self._kd_restored_from = os.path.abspath(checkpoint)
 
     # --- the step -----------------------------------------------------------------------------------------
 
@@ -465,7 +503,8 @@ class KDTrainerMixin:
         student = self._kd_student_capture.result()
         self._kd_check_student_graph(student)
         out = self.distiller(student, teacher, batch, plan=plan, task_loss=host_loss,
-                             shared_params=self._kd_shared_params, reduce=self._kd_cross_rank_mean(contributes=True))
+                             shared_params=self._kd_probe_params(batch.step),
+                             reduce=self._kd_cross_rank_mean(contributes=True))
         self._kd_log_step(out, plan)
         return (out.loss, outputs) if return_outputs else out.loss
 
@@ -512,7 +551,7 @@ class KDTrainerMixin:
                                       num_items_in_batch=num_items_in_batch)
         # other ranks may run the terms: take part in the scheduler's collectives with no weight
         self.distiller.skip_transfer(batch, task_loss=result[0] if return_outputs else result,
-                                     shared_params=self._kd_shared_params,
+                                     shared_params=self._kd_probe_params(batch.step),
                                      reduce=self._kd_cross_rank_mean(contributes=False))
         self._kd_accumulate({"kd/skipped_steps": 1.0}, {})
         return result
@@ -674,7 +713,7 @@ class KDTrainerMixin:
 
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return None
-        return functools.partial(_mean_over_contributing_ranks, contributes=contributes)
+        return functools.partial(cross_rank_mean, contributes=contributes)
 
     # --- logging ------------------------------------------------------------------------------------------
 
@@ -786,19 +825,6 @@ def _is_teacher_cache(source: Any) -> bool:
 
 def _describe(value: Any) -> str:
     return repr(value) if isinstance(value, (str, os.PathLike)) else type(value).__name__
-
-
-def _mean_over_contributing_ranks(tensor: Tensor, *, contributes: bool) -> Tensor:
-    """All-reduce ``tensor`` (any shape) to its mean over the contributing ranks, in float64: one collective that
-    also carries the count. NaN where no rank contributed (schedulers ignore non-finite values)."""
-    import torch.distributed as dist
-
-    flat = torch.cat([tensor.detach().reshape(-1).to(torch.float64),
-                      torch.ones(1, dtype=torch.float64, device=tensor.device)])
-    if not contributes:
-        flat.zero_()
-    dist.all_reduce(flat)
-    return (flat[:-1] / flat[-1]).to(tensor.dtype).view_as(tensor)
 
 
 def _shared_params(student: nn.Module, spec: str) -> list[Tensor]:

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from kd_plugins.distributed import gather_sharded
 from kd_plugins.errors import IncompatibleModelsError
 from kd_plugins.types import ModelCapture, ModelInfo
 
@@ -200,6 +201,9 @@ class FeatureCapture:
             head = unwrap_model(self.model).get_output_embeddings()
             capture.final_hidden = self._final
             weight, bias = lm_head_parameters(head)
+            # FSDP2: a head resharded after its forward is a DTensor shard here; the terms need all of it
+            weight = gather_sharded(weight)
+            bias = None if bias is None else gather_sharded(bias)
             if self._vocab_rows is not None:
                 weight = weight[: self._vocab_rows]
                 bias = None if bias is None else bias[: self._vocab_rows]
@@ -313,10 +317,9 @@ def find_decoder(model: nn.Module) -> tuple[nn.Module, str]:
 def decoder_blocks(decoder: nn.Module, prefix: str = "model", *, name: str = "model") -> tuple[nn.ModuleList, str]:
     """``(blocks, dotted path)`` of a decoder's block list (``layers``, or GPT-2's ``h``); raises
     :class:`~kd_plugins.IncompatibleModelsError` listing the supported architectures otherwise."""
-    for attribute in ("layers", "h"):
-        blocks = getattr(decoder, attribute, None)
-        if isinstance(blocks, nn.ModuleList):
-            return blocks, f"{prefix}.{attribute}"
+    found = _child(decoder, ("layers", "h"), nn.ModuleList, prefix)
+    if found is not None:
+        return found
     raise IncompatibleModelsError(
         f"{name}: expected the decoder blocks at '{prefix}.layers' (or '{prefix}.h') in {type(decoder).__name__}; "
         f"this architecture is not supported by FeatureCapture. {_supported()}"
@@ -325,14 +328,22 @@ def decoder_blocks(decoder: nn.Module, prefix: str = "model", *, name: str = "mo
 
 def final_norm(decoder: nn.Module, prefix: str = "model", *, name: str = "model") -> tuple[nn.Module, str]:
     """``(module, dotted path)`` of the decoder's final norm (``norm``, or GPT-2's ``ln_f``)."""
-    for attribute in ("norm", "ln_f"):
-        module = getattr(decoder, attribute, None)
-        if isinstance(module, nn.Module):
-            return module, f"{prefix}.{attribute}"
+    found = _child(decoder, ("norm", "ln_f"), nn.Module, prefix)
+    if found is not None:
+        return found
     raise IncompatibleModelsError(
         f"{name}: expected the final norm at '{prefix}.norm' (or '{prefix}.ln_f') in {type(decoder).__name__}. "
         f"{_supported()}"
     )
+
+
+def _child(decoder: nn.Module, attributes: tuple[str, ...], kind: type, prefix: str) -> tuple[nn.Module, str] | None:
+    """The first of ``attributes`` of ``decoder`` that is a ``kind``, with its dotted path, else None."""
+    for attribute in attributes:
+        module = getattr(decoder, attribute, None)
+        if isinstance(module, kind):
+            return module, f"{prefix}.{attribute}"
+    return None
 
 
 def _supported() -> str:

@@ -397,6 +397,7 @@ class GradientProbe:
                 flat = torch.zeros(sum(p.numel() for p in self._params), device=loss.device)
             else:
                 grads = torch.autograd.grad(loss, self._params, retain_graph=True, allow_unused=True)
+                _refuse_sharded_without_gradient(grads, self._params)
                 flat = torch.cat(
                     [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, self._params)]
                 )
@@ -405,3 +406,12 @@ class GradientProbe:
 
     def norm(self, name: str) -> Tensor:
         return self.grad(name).norm()
+
+
+def _refuse_sharded_without_gradient(grads, params) -> None:
+    """A sharded (FSDP2 ``DTensor``) shared parameter the losses do not reach was freed after its module's forward:
+    a zero gradient would be silently wrong, so stop and say what to do."""
+    from kd_plugins.distributed import is_sharded, probe_parameters
+
+    if any(g is None and is_sharded(p) for g, p in zip(grads, params)):
+        probe_parameters(params)  # raises, naming the fix

@@ -309,13 +309,9 @@ def lm_retention(student: Mapping[str, float], teacher: Mapping[str, float]) -> 
     * ``kl``: ``exp(-KL(teacher ‖ student))`` (the teacher's own KL is 0, so 1; it is the geometric mean, over
       positions and the teacher's distribution, of the student's probability relative to the teacher's).
     """
-    out: dict[str, float] = {}
-    if "accuracy" in student and "accuracy" in teacher:
-        out["accuracy"] = _ratio(student["accuracy"], teacher["accuracy"])
-    if "perplexity" in student and "perplexity" in teacher:
-        out["perplexity"] = _ratio(teacher["perplexity"], student["perplexity"])
-    if "nll" in student and "nll" in teacher:
-        out["nll"] = _ratio(teacher["nll"], student["nll"])
+    from kd_plugins.recipes.evaluation import retention
+
+    out = retention(student, teacher)  # accuracy, perplexity, nll
     if "agreement" in student:
         out["agreement"] = float(student["agreement"])
     if "kl_teacher_student" in student:

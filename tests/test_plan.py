@@ -6,10 +6,13 @@ their traits, so the tests show that the plan reads the declarations and nothing
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from kd_plugins import BatchContext, DistillationTerm, HostFacts, Normalizer, StudentMode, WeightScheduler, plan_step
+from kd_plugins import (BatchContext, DistillationTerm, HostFacts, Normalizer, StudentMode, TermPlan, WeightScheduler,
+                        plan_step)
 
 
 class _Term(DistillationTerm):
@@ -164,3 +167,89 @@ def test_invalid_host_facts_are_refused_by_name(bad):
     (name, value), = bad.items()
     with pytest.raises(ValueError, match=f"HostFacts: {name}="):
         HostFacts(**bad)
+
+
+# --- the rest of the contract (each test kills surviving mutants of benchmarks/mutation.py --target plan) --------
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_each_term_plan_records_the_terms_declared_normaliser(scaled):
+    plan = _plan(HostFacts(loss_scaled_for_ga=scaled, num_items_in_batch=4, num_tokens_in_batch=5))
+    assert {k: t.normalizer for k, t in plan.terms.items()} == {
+        "kl": Normalizer.ITEMS, "mse": Normalizer.TOKENS, "nce": Normalizer.BATCH}
+
+
+def test_a_tokens_term_without_a_window_count_keeps_its_declared_normaliser():
+    plan = _plan(HostFacts(loss_scaled_for_ga=True, grad_accumulation_steps=2, num_items_in_batch=9))
+    assert plan.terms["mse"].normalizer is Normalizer.TOKENS
+
+
+def test_plan_step_defaults_fuse_the_task_loss_at_step_zero():
+    seen = []
+
+    class Recording(_Scheduler):
+        def weights_in_advance(self, step):
+            seen.append(step)
+            return super().weights_in_advance(step)
+
+    plan = plan_step(HostFacts(fusable_task_loss=True), terms=TERMS, scheduler=Recording(WEIGHTS), ce_weight=1.0)
+    assert plan.student_mode is StudentMode.FUSED_CE and plan.step == 0 and seen == [0]
+
+
+def test_the_carriers_weight_is_asked_for_the_planned_step():
+    class ByStep(_Scheduler):
+        def weights_in_advance(self, step):
+            return {"kl": 0.1 * step}
+
+    plan = _plan(HostFacts(fusable_task_loss=True), scheduler=ByStep(WEIGHTS), step=7)
+    assert plan.carrier_weight == pytest.approx(0.7)
+    assert plan.ce_grad_ratio == pytest.approx(1.0 / 0.7)
+
+
+@pytest.mark.parametrize("weight, expected", [
+    (torch.tensor(0.25), 0.25),                # a plain 0-d tensor is a known number
+    (torch.tensor([0.25]), 0.25),              # so is a one-element tensor
+    (torch.tensor([0.25, 0.5]), None),         # several numbers are no weight
+    (torch.tensor(0.25, requires_grad=True), None),  # a learned weight is not known in advance
+])
+def test_a_tensor_weight_announced_in_advance(weight, expected):
+    plan = _plan(HostFacts(fusable_task_loss=True), scheduler=_Scheduler({**WEIGHTS, "kl": weight}))
+    if expected is None:
+        assert plan.carrier_weight is None and plan.ce_grad_ratio is None
+    else:
+        assert isinstance(plan.carrier_weight, float) and plan.carrier_weight == pytest.approx(expected)
+        assert plan.ce_grad_ratio == pytest.approx(1.0 / expected)
+
+
+def test_the_host_loss_is_never_rescaled_when_scaled_for_ga():
+    # scaled for accumulation but not fused: the host's own loss is used as it comes, whatever the world factor
+    plan = _plan(HostFacts(loss_scaled_for_ga=True, num_items_in_batch=8, items_world_factor=2.0), fuse=False)
+    assert plan.student_mode is StudentMode.HOST and plan.task_loss_scale == 1.0
+
+
+def test_host_facts_from_a_batch_pass_its_normalisers_through_unchanged():
+    items, tokens = torch.tensor(12), torch.tensor(15)
+    batch = BatchContext.from_inputs(labels=torch.ones(2, 3, dtype=torch.long), num_items_in_batch=items,
+                                     num_tokens_in_batch=tokens)
+    facts = HostFacts.from_batch(batch)
+    assert facts == HostFacts(loss_scaled_for_ga=True, num_items_in_batch=items, num_tokens_in_batch=tokens)
+    assert facts.loss_scaled_for_ga is True
+    plan = _plan(facts)
+    assert plan.student_mode is StudentMode.HOST
+    assert plan.term_batch("kl", batch).num_items_in_batch is items
+    assert plan.term_batch("mse", batch).num_tokens_in_batch is tokens
+
+
+@pytest.mark.parametrize("items_same, tokens_same", [(True, True), (True, False), (False, True)])
+def test_term_batch_is_the_callers_batch_only_when_nothing_changes(items_same, tokens_same):
+    items, tokens = torch.tensor(3), torch.tensor(4)
+    batch = BatchContext.from_inputs(labels=torch.ones(1, 2, dtype=torch.long), num_items_in_batch=items,
+                                     num_tokens_in_batch=tokens)
+    plan = _plan(HostFacts(loss_scaled_for_ga=True), terms={"t": _Term()}, scheduler=_Scheduler({"t": 1.0}))
+    plan = dataclasses.replace(plan, terms={"t": TermPlan(Normalizer.BATCH, 1.0,
+                                                          num_items_in_batch=items if items_same else 30,
+                                                          num_tokens_in_batch=tokens if tokens_same else 40)})
+    out = plan.term_batch("t", batch)
+    assert (out is batch) == (items_same and tokens_same)
+    assert out.num_items_in_batch == (3 if items_same else 30)
+    assert out.num_tokens_in_batch == (4 if tokens_same else 40)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 os.environ.setdefault("KD_PLUGINS_DISABLE_AUTOLOAD", "1")
@@ -185,10 +186,13 @@ def main(argv=None) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        # tear gloo down before interpreter exit: left to the atexit order, its threads can abort the process
-        # ("terminate called without an active exception", SIGABRT) after the run has finished
+        # every rank has written its files once all reach the barrier; then leave without interpreter teardown:
+        # left to the atexit order, gloo's threads can abort the process ("terminate called without an active
+        # exception", SIGABRT), and destroy_process_group() can wait forever on a peer that has already gone
         dist.barrier()
-        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
