@@ -58,6 +58,12 @@ from kd_plugins.distributed import cross_rank_mean, probe_parameters
 from kd_plugins.errors import ConfigError, IncompatibleModelsError, KDError
 from kd_plugins.functional import shift_labels
 from kd_plugins.integrations.cache_coverage import check_cache_covers, training_sequences
+from kd_plugins.integrations.cross_tokenizer import (
+    CrossTokenizer,
+    check_cross_tokenizer_terms,
+    cross_tokenizer_for,
+    cross_tokenizer_term_error,
+)
 from kd_plugins.integrations.sharding import check_sharded_setup, clip_jointly, prepare_teacher, sharded_kind
 from kd_plugins.integrations.teachers import LiveTeacher, check_compatible, model_info, resolve_teacher
 from kd_plugins.integrations.transformers import DistillationCallback
@@ -108,6 +114,7 @@ class _DistillationSetup:
     student_capture: FeatureCapture
     shared_params: list[Tensor] = field(default_factory=list)
     full_vocabulary: bool = True  # the logit terms see the student's whole LM head (no shared-vocabulary slice)
+    cross_tokenizer: CrossTokenizer | None = None  # the teacher reads its own tokenization (KDConfig.cross_tokenizer)
 
     def close(self) -> None:
         """Detach the hooks this setup attached."""
@@ -185,23 +192,34 @@ class KDTrainerMixin:
                               "cannot hold; use a live teacher (a model or its path)")
         has_logits = self._kd_has_logit_terms(config)
         student_info, teacher_info = model_info(student, "student"), source.info
-        shared = self._kd_shared_vocabulary(source, teacher, teacher_tokenizer, student_info, teacher_info,
-                                            needs_logits=has_logits)
-        if shared is not None:
-            student_info = dataclasses.replace(student_info, vocab_size=shared)
-            teacher_info = dataclasses.replace(teacher_info, vocab_size=shared)
-            source = LiveTeacher(source.model, is_self=source.is_self, info=teacher_info)
-        # vocabulary first (when a logit term is configured), then the resolved layers once the terms exist
-        check_compatible(student_info, teacher_info, None if has_logits else Requirements())
-        distiller = Distiller(config, student=student_info, teacher=teacher_info)
+        # a teacher with its own tokenizer reads its own tokens (cross_tokenizer: true), checked before anything else
+        cross = self._kd_cross_tokenizer(source, teacher, teacher_tokenizer, config)
+        shared = None
+        if cross is None:
+            shared = self._kd_shared_vocabulary(source, teacher, teacher_tokenizer, student_info, teacher_info,
+                                                needs_logits=has_logits)
+            if shared is not None:
+                student_info = dataclasses.replace(student_info, vocab_size=shared)
+                teacher_info = dataclasses.replace(teacher_info, vocab_size=shared)
+                source = LiveTeacher(source.model, is_self=source.is_self, info=teacher_info)
+            # vocabulary first (when a logit term is configured), then the resolved layers once the terms exist
+            check_compatible(student_info, teacher_info, None if has_logits else Requirements())
+        try:
+            distiller = Distiller(config, student=student_info, teacher=teacher_info)
+        except IncompatibleModelsError as exc:  # a one-vocabulary logit term refuses the two vocabularies
+            raise exc if cross is None else cross_tokenizer_term_error(str(exc)) from exc
         distiller.to(next(student.parameters()).device)
         req = distiller.requirements()
-        check_compatible(student_info, teacher_info, req)
+        if cross is not None:  # the vocabularies differ by design: check the terms, then the layers only
+            check_cross_tokenizer_terms(distiller.terms)
+        check_compatible(student_info, teacher_info,
+                         req if cross is None else dataclasses.replace(req, final_hidden=False))
         check_sharded_setup(getattr(self, "accelerator", None), req)
         capture = FeatureCapture(student, info=student_info, layers=req.student_layers,
                                  qkv_layers=req.student_qkv_layers, final_hidden=req.final_hidden)
         setup = _DistillationSetup(config=config, teacher=source, distiller=distiller, requirements=req,
-                                   student_capture=capture, full_vocabulary=shared is None)
+                                   student_capture=capture, full_vocabulary=shared is None and cross is None,
+                                   cross_tokenizer=cross)
         try:
             source.prepare(req)
             setup.teacher = self._kd_check_cache_coverage(source, req)
@@ -220,6 +238,7 @@ class KDTrainerMixin:
         self._kd_student_capture = setup.student_capture
         self._kd_shared_params = setup.shared_params
         self._kd_full_vocabulary = setup.full_vocabulary
+        self._kd_cross_tokens = setup.cross_tokenizer
         self._kd_logs: dict[str, float] = defaultdict(float)
         self._kd_log_counts: dict[str, int] = defaultdict(int)
         self._kd_window_start = self.state.global_step
@@ -273,6 +292,20 @@ class KDTrainerMixin:
             raise ConfigError("distillation needs a teacher: pass teacher=<model, path, 'self', a teacher cache folder "
                               "or a TeacherCache>, or name teacher_cache: DIR in the KD config")
         return teacher
+
+    def _kd_cross_tokenizer(self, source: TeacherSource, teacher: Any, teacher_tokenizer: Any,
+                            config: KDConfig) -> CrossTokenizer | None:
+        """With ``cross_tokenizer: true``: the :class:`CrossTokenizer` that gives the teacher its own tokenization
+        (None when both tokenizers are one); see :mod:`kd_plugins.integrations.cross_tokenizer`."""
+        if not config.cross_tokenizer:
+            return None
+        kind = "self" if isinstance(source, LiveTeacher) and source.is_self else (
+            "model" if isinstance(source, LiveTeacher) else "cache")
+        args = getattr(self, "args", None)
+        padding_free = bool(getattr(args, "padding_free", False) or getattr(args, "packing", False))
+        return cross_tokenizer_for(tokenizer_of(getattr(self, "processing_class", None)),
+                                   teacher_tokenizer_of(teacher, teacher_tokenizer) if kind == "model" else None,
+                                   teacher_kind=kind, padding_free=padding_free)
 
     def _kd_shared_vocabulary(self, source: TeacherSource, teacher: Any, teacher_tokenizer: Any,
                               student_info: ModelInfo, teacher_info: ModelInfo, *, needs_logits: bool) -> int | None:
@@ -455,7 +488,11 @@ class KDTrainerMixin:
             attention_mask=kd_inputs.get("attention_mask"), position_ids=kd_inputs.get("position_ids"),
             step=self.state.global_step,
         )
-        teacher = self.kd_teacher.capture(kd_inputs, self._kd_requirements)
+        teacher_inputs = kd_inputs
+        if self._kd_cross_tokens is not None:  # the teacher reads its own tokenization of the same texts
+            teacher_inputs, alignment = self._kd_cross_tokens.teacher_batch(kd_inputs)
+            batch = dataclasses.replace(batch, alignment=alignment)
+        teacher = self.kd_teacher.capture(teacher_inputs, self._kd_requirements)
         if not all_finite(teacher):
             return self._kd_skip_transfer(model, inputs, batch, return_outputs, num_items_in_batch)
         facts = self._kd_host_facts(model, inputs, kd_inputs, batch, num_items_in_batch, window, return_outputs)

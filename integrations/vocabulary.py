@@ -30,6 +30,11 @@ CROSS_TOKENIZER_NOT_CONFIGURED = (
     "from the teacher's)"
 )
 
+CROSS_TOKENIZER_FIX = (
+    "the teacher then reads its own tokenization of each example's text and the terms compare aligned spans (terms "
+    "that can: contrastive, mse, cosine, uld, cross_vocab_kd)"
+)
+
 
 def tokenizer_of(processing_class: Any) -> Any:
     """The tokenizer inside a trainer's ``processing_class`` (a tokenizer, or a processor holding one), or None."""
@@ -111,7 +116,8 @@ def shared_vocabulary(
                 raise IncompatibleModelsError(
                     f"teacher {teacher.name!r} and student {student.name!r} have different tokenizers "
                     f"({_first_difference(s_vocab, t_vocab)}): the teacher would read the student's token ids as "
-                    f"other tokens. {CROSS_TOKENIZER_NOT_CONFIGURED}"
+                    f"other tokens. {CROSS_TOKENIZER_NOT_CONFIGURED}; or set cross_tokenizer: true in the KD config: "
+                    f"{CROSS_TOKENIZER_FIX}"
                 )
             real = _real_tokens(s_vocab)
         for side, info in (("student", student), ("teacher", teacher)):

@@ -157,6 +157,12 @@ class KDConfig:
         allow_config_change_on_resume: resume from a checkpoint whose KD state was saved with another KD
             configuration (default False: such a resume is refused, naming the fields that differ). When True the
             differences are logged, tensors whose name and shape still match are restored and the rest start fresh.
+        cross_tokenizer: distil from a teacher whose tokenizer differs from the student's (default False: such a
+            teacher is refused). The trainer integrations then feed the teacher its own tokenization of each
+            example's text and the terms compare the models on aligned spans (``BatchContext.alignment``); every
+            term must declare ``cross_tokenizer = True`` (``contrastive``, ``mse``, ``cosine``, ``uld``,
+            ``cross_vocab_kd``). Both tokenizers must be known: the trainer's ``processing_class`` and
+            ``teacher_tokenizer=`` (or the tokenizer saved beside a teacher path). See the cross-tokenizer page.
     """
 
     ce_weight: float = 1.0
@@ -169,6 +175,7 @@ class KDConfig:
     fuse_task_loss: bool = True
     teacher_cache: str | None = None
     allow_config_change_on_resume: bool = False
+    cross_tokenizer: bool = False
 
     def __post_init__(self) -> None:
         _check_terms_is_a_list(self.terms)
@@ -209,6 +216,9 @@ class KDConfig:
                               "teacher cache directory (built with `kd-plugins cache-teacher`) or null")
         if self.teacher_cache is not None:
             self.teacher_cache = os.fspath(self.teacher_cache)
+        if not isinstance(self.cross_tokenizer, bool):
+            raise ConfigError(f"KDConfig: cross_tokenizer={self.cross_tokenizer!r} is invalid; expected true (a "
+                              "teacher with another tokenizer reads its own tokens) or false")
         if not isinstance(self.allow_config_change_on_resume, bool):
             raise ConfigError(f"KDConfig: allow_config_change_on_resume={self.allow_config_change_on_resume!r} is "
                               "invalid; expected true or false")

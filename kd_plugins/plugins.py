@@ -32,6 +32,7 @@ ALLOW_LIST_ENV = "KD_PLUGINS_ALLOW"
 DEFAULT_PLUGINS = (
     "kd_plugins.components.logit",
     "kd_plugins.components.alignment",
+    "kd_plugins.components.cross_vocab",
     "kd_plugins.components.schedulers",
     "kd_plugins.components.dynamic_schedulers",
 )

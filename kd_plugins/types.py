@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from kd_plugins.alignment_spans import SpanAlignment
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -128,6 +130,12 @@ class BatchContext:
             (``token_mask``) tokens over the whole gradient-accumulation step (and all ranks when the host averages
             tokens across devices), so they weigh every token alike however the batch is split. None: this
             batch's own count (a per-micro-batch mean).
+        alignment: None when teacher and student read the same token ids (position ``t`` of one is position ``t``
+            of the other). With a teacher that has its own tokenizer (``KDConfig.cross_tokenizer``), the
+            :class:`~kd_plugins.alignment_spans.SpanAlignment` of the batch: which student tokens and which teacher
+            tokens cover the same text. ``labels``, ``token_mask`` and ``sequence_ids`` stay the student's; the
+            teacher's capture has the teacher's own sequence length. Only terms that declare
+            ``cross_tokenizer = True`` are given such a batch.
     """
 
     labels: Tensor
@@ -137,6 +145,7 @@ class BatchContext:
     step: int = 0
     ignore_index: int = -100
     num_tokens_in_batch: Tensor | int | None = None
+    alignment: SpanAlignment | None = None
 
     @classmethod
     def from_inputs(
@@ -230,11 +239,16 @@ class DistillationTerm(nn.Module):
         carries_task_loss: the term can compute the student's causal-LM cross-entropy in its own pass over the LM
             head (default False). Such a term implements :meth:`forward_with_task_loss`; a host then runs the
             student's backbone only and takes the CE from the term (``KDConfig.fuse_task_loss``).
+        cross_tokenizer: the term works with a teacher that has its own tokenizer (default False): given a batch
+            whose ``alignment`` is set, it compares the models on aligned spans
+            (:class:`~kd_plugins.alignment_spans.SpanAlignment`) instead of positions. A host refuses a
+            cross-tokenizer run (``KDConfig.cross_tokenizer``) with a term that does not declare it.
     """
 
     family: str = ""
     normalizer: Normalizer = Normalizer.BATCH
     carries_task_loss: bool = False
+    cross_tokenizer: bool = False
 
     def requirements(self) -> Requirements:
         return Requirements()

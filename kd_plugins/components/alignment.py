@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from kd_plugins.alignment_spans import POOLING_MODES, pool_spans
 from kd_plugins.errors import ConfigError
 from kd_plugins.functional.alignment import (
     RELATION_TYPES,
@@ -66,15 +67,24 @@ def register_alignment_terms(register):
 
 
 class _PairedFeatureTerm(DistillationTerm):
-    """Shared plumbing of terms that compare hidden states of (student_layer, teacher_layer) pairs."""
+    """Shared plumbing of terms that compare hidden states of (student_layer, teacher_layer) pairs.
+
+    With a teacher that has its own tokenizer (``batch.alignment`` set; ``cross_tokenizer = True``) the features of
+    both sides are first pooled over the aligned spans (:func:`~kd_plugins.alignment_spans.pool_spans`,
+    ``span_pooling``: the mean of a span's tokens or its last token) and spans take the place of tokens.
+    """
 
     family = "alignment"
+    cross_tokenizer = True
 
-    def __init__(self, layer_pairs: Sequence[tuple[int, int]]):
+    def __init__(self, layer_pairs: Sequence[tuple[int, int]], *, span_pooling: str = "mean"):
         super().__init__()
         if not layer_pairs:
             raise ConfigError("layers: at least one (student_layer, teacher_layer) pair is needed")
+        if span_pooling not in POOLING_MODES:
+            raise ConfigError(f"span_pooling={span_pooling!r} is invalid; expected one of {POOLING_MODES}")
         self.layer_pairs = [(int(s), int(t)) for s, t in layer_pairs]
+        self.span_pooling = span_pooling
 
     def requirements(self) -> Requirements:
         return Requirements(
@@ -84,6 +94,19 @@ class _PairedFeatureTerm(DistillationTerm):
     def _features(self, student: ModelCapture, teacher: ModelCapture, pair: tuple[int, int]) -> tuple[Tensor, Tensor]:
         s, t = pair
         return _hidden(student, s, "student"), _hidden(teacher, t, "teacher").detach()
+
+    def _aligned_features(self, student: ModelCapture, teacher: ModelCapture, pair: tuple[int, int],
+                          batch: BatchContext) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``(student, teacher, mask, weights)``: token features and ``token_mask`` (weights None), or -- with
+        ``batch.alignment`` -- span features, the span mask and each span's student token count."""
+        hs, ht = self._features(student, teacher, pair)
+        spans = batch.alignment
+        if spans is None:
+            return hs, ht, batch.token_mask.to(hs.device), None
+        spans = spans.to(hs.device)
+        hs = pool_spans(hs, spans.student_span_ids, spans.student_last, spans.num_spans, self.span_pooling)
+        ht = pool_spans(ht, spans.teacher_span_ids, spans.teacher_last, spans.num_spans, self.span_pooling)
+        return hs, ht, spans.span_mask, spans.student_size
 
 
 class ContrastiveAlignmentLoss(_PairedFeatureTerm):
@@ -104,6 +127,8 @@ class ContrastiveAlignmentLoss(_PairedFeatureTerm):
         learn_temperature: store ``log(1/τ)`` as a parameter, clamped at ``log(100)`` (``τ >= 0.01``) as in CLIP.
         max_tokens: tokens sampled per pair to bound the ``O(N²)`` cost.
         symmetric: add the teacher→student direction.
+        span_pooling: with a teacher that has its own tokenizer, how a span's features are pooled (``"mean"`` or
+            ``"last"``); each span is then one anchor.
     """
 
     def __init__(
@@ -118,8 +143,9 @@ class ContrastiveAlignmentLoss(_PairedFeatureTerm):
         learn_temperature: bool = False,
         max_tokens: int = 1024,
         symmetric: bool = False,
+        span_pooling: str = "mean",
     ):
-        super().__init__(layer_pairs)
+        super().__init__(layer_pairs, span_pooling=span_pooling)
         self.student_projectors = nn.ModuleList(
             build_projector(student_dim, proj_dim, projector) for _ in self.layer_pairs
         )
@@ -143,12 +169,12 @@ class ContrastiveAlignmentLoss(_PairedFeatureTerm):
         temperature = self.current_temperature()
         losses = []
         for pair, p_s, p_t in zip(self.layer_pairs, self.student_projectors, self.teacher_projectors):
-            hs, ht = self._features(student, teacher, pair)
+            hs, ht, mask, _ = self._aligned_features(student, teacher, pair, batch)
             losses.append(
                 contrastive(
                     _project(p_s, hs),
                     _project(p_t, ht),
-                    batch.token_mask.to(hs.device),
+                    mask,
                     temperature=temperature,
                     max_tokens=self.max_tokens,
                     symmetric=self.symmetric,
@@ -165,25 +191,28 @@ class _RegressionAlignmentLoss(_PairedFeatureTerm):
     """A student projector ``Hs -> Ht`` per pair; teacher features are used as they are.
 
     A token mean (``normalizer = TOKENS``): divided by ``batch.num_tokens_in_batch`` when the host gives it (the
-    valid tokens of the whole accumulation step), else by this batch's valid tokens.
+    valid tokens of the whole accumulation step), else by this batch's valid tokens. Across tokenizers each aligned
+    span counts as many times as it has student tokens, so the mean stays one over student tokens.
     """
 
     normalizer = Normalizer.TOKENS
 
-    def __init__(self, layer_pairs: Sequence[tuple[int, int]], student_dim: int, teacher_dim: int, *, projector="linear"):
-        super().__init__(layer_pairs)
+    def __init__(self, layer_pairs: Sequence[tuple[int, int]], student_dim: int, teacher_dim: int, *,
+                 projector="linear", span_pooling: str = "mean"):
+        super().__init__(layer_pairs, span_pooling=span_pooling)
         self.projectors = nn.ModuleList(build_projector(student_dim, teacher_dim, projector) for _ in self.layer_pairs)
 
     def forward(self, student: ModelCapture, teacher: ModelCapture, batch: BatchContext) -> Tensor:
         losses = []
         for pair, projector in zip(self.layer_pairs, self.projectors):
-            hs, ht = self._features(student, teacher, pair)
-            losses.append(self._loss(_project(projector, hs), ht, batch.token_mask.to(hs.device),
-                                     num_tokens_in_batch=batch.num_tokens_in_batch))
+            hs, ht, mask, weights = self._aligned_features(student, teacher, pair, batch)
+            losses.append(self._loss(_project(projector, hs), ht, mask, num_tokens_in_batch=batch.num_tokens_in_batch,
+                                     token_weights=weights))
         return torch.stack(losses).mean()
 
     @staticmethod
-    def _loss(student_feats: Tensor, teacher_feats: Tensor, mask: Tensor, *, num_tokens_in_batch=None) -> Tensor:
+    def _loss(student_feats: Tensor, teacher_feats: Tensor, mask: Tensor, *, num_tokens_in_batch=None,
+              token_weights=None) -> Tensor:
         raise NotImplementedError
 
 
@@ -194,6 +223,8 @@ class MSEAlignmentLoss(_RegressionAlignmentLoss):
         layer_pairs: resolved ``(student_layer, teacher_layer)`` pairs.
         student_dim, teacher_dim: hidden sizes; each pair gets a student projector ``Hs -> Ht``.
         projector: projector kind (default ``"linear"``, identity-initialised when widths are equal).
+        span_pooling: with a teacher that has its own tokenizer, ``"mean"`` or ``"last"`` (see
+            :class:`ContrastiveAlignmentLoss`).
     """
 
     _loss = staticmethod(hidden_mse)
@@ -267,6 +298,7 @@ def build_contrastive(
     learn_temperature: bool = False,
     max_tokens: int = 1024,
     symmetric: bool = False,
+    span_pooling: str = "mean",
 ) -> ContrastiveAlignmentLoss:
     """Build :class:`ContrastiveAlignmentLoss`; ``layers``/``num_pairs`` as in :func:`resolve_layer_map`."""
     _check_positive_int("proj_dim", proj_dim)
@@ -285,6 +317,7 @@ def build_contrastive(
         learn_temperature=bool(learn_temperature),
         max_tokens=max_tokens,
         symmetric=bool(symmetric),
+        span_pooling=span_pooling,
     )
 
 
@@ -295,10 +328,12 @@ def build_mse(
     layers: LayerMapSpec = "uniform",
     num_pairs: int | None = None,
     projector: str = "linear",
+    span_pooling: str = "mean",
 ) -> MSEAlignmentLoss:
     """Build :class:`MSEAlignmentLoss`; ``layers``/``num_pairs`` as in :func:`resolve_layer_map`."""
     pairs = resolve_layer_map(layers, student, teacher, num_pairs)
-    return MSEAlignmentLoss(pairs, student.hidden_size, teacher.hidden_size, projector=projector)
+    return MSEAlignmentLoss(pairs, student.hidden_size, teacher.hidden_size, projector=projector,
+                            span_pooling=span_pooling)
 
 
 def build_cosine(
@@ -308,10 +343,12 @@ def build_cosine(
     layers: LayerMapSpec = "uniform",
     num_pairs: int | None = None,
     projector: str = "linear",
+    span_pooling: str = "mean",
 ) -> CosineAlignmentLoss:
     """Build :class:`CosineAlignmentLoss`; ``layers``/``num_pairs`` as in :func:`resolve_layer_map`."""
     pairs = resolve_layer_map(layers, student, teacher, num_pairs)
-    return CosineAlignmentLoss(pairs, student.hidden_size, teacher.hidden_size, projector=projector)
+    return CosineAlignmentLoss(pairs, student.hidden_size, teacher.hidden_size, projector=projector,
+                               span_pooling=span_pooling)
 
 
 def build_attention_relation(

@@ -19,3 +19,7 @@ __all__ += ["forward_kl", "reverse_kl", "generalized_jsd", "dkd", "fused_linear_
 from kd_plugins.functional.sparse import sparse_kd_reference, sparse_linear_kd
 
 __all__ += ["sparse_linear_kd", "sparse_kd_reference"]
+
+from kd_plugins.functional.cross_vocab import cross_vocab_kd, sorted_l1, uld
+
+__all__ += ["cross_vocab_kd", "sorted_l1", "uld"]

@@ -92,7 +92,12 @@ def contrastive(
 
 
 def hidden_mse(
-    student_feats: Tensor, teacher_feats: Tensor, mask: Tensor, *, num_tokens_in_batch: Tensor | int | None = None
+    student_feats: Tensor,
+    teacher_feats: Tensor,
+    mask: Tensor,
+    *,
+    num_tokens_in_batch: Tensor | int | None = None,
+    token_weights: Tensor | None = None,
 ) -> Tensor:
     """Mean over valid tokens of the mean-over-features squared error.
 
@@ -101,11 +106,14 @@ def hidden_mse(
         mask: ``(B, T)`` bool, True for valid tokens.
         num_tokens_in_batch: divide the token sum by this count (e.g. the valid tokens of a whole
             gradient-accumulation step) instead of this batch's count.
+        token_weights: ``(B, T)``, how many tokens each position stands for (a span of aligned tokens stands for
+            the student tokens it covers): each position's error counts that many times in the sum and in this
+            batch's count. None: 1 each.
     """
     _check_features(student_feats, teacher_feats, mask, same_width=True, name="hidden_mse")
     s, t = _masked_inputs(student_feats, teacher_feats, mask)
     per_token = (s - t).pow(2).mean(dim=-1)
-    return normalize_token_sum(per_token, mask, num_tokens_in_batch)
+    return _weighted_token_mean(per_token, mask, num_tokens_in_batch, token_weights)
 
 
 def hidden_cosine(
@@ -115,18 +123,19 @@ def hidden_cosine(
     *,
     eps: float = 1e-8,
     num_tokens_in_batch: Tensor | int | None = None,
+    token_weights: Tensor | None = None,
 ) -> Tensor:
     """Mean over valid tokens of ``1 - cos(student, teacher)``.
 
     Args:
         student_feats, teacher_feats: ``(B, T, D)`` (the student already projected to the teacher's width).
         mask: ``(B, T)`` bool, True for valid tokens.
-        num_tokens_in_batch: as for :func:`hidden_mse`.
+        num_tokens_in_batch, token_weights: as for :func:`hidden_mse`.
     """
     _check_features(student_feats, teacher_feats, mask, same_width=True, name="hidden_cosine")
     s, t = _masked_inputs(student_feats, teacher_feats, mask)
     cos = (F.normalize(s, dim=-1, eps=eps) * F.normalize(t, dim=-1, eps=eps)).sum(dim=-1)
-    return normalize_token_sum(1.0 - cos, mask, num_tokens_in_batch)
+    return _weighted_token_mean(1.0 - cos, mask, num_tokens_in_batch, token_weights)
 
 
 def attention_relation(
@@ -213,6 +222,17 @@ def attention_relation(
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
+
+
+def _weighted_token_mean(per_token: Tensor, mask: Tensor, num_tokens_in_batch, token_weights: Tensor | None) -> Tensor:
+    if token_weights is None:
+        return normalize_token_sum(per_token, mask, num_tokens_in_batch)
+    if token_weights.shape != mask.shape:
+        raise ValueError(f"token_weights {tuple(token_weights.shape)} must have the mask's shape {tuple(mask.shape)}")
+    weights = token_weights.to(device=per_token.device, dtype=per_token.dtype).masked_fill(~mask, 0.0)
+    if num_tokens_in_batch is not None:
+        return normalize_token_sum(per_token * weights, mask, num_tokens_in_batch)
+    return normalize_token_sum(per_token * weights, mask, 1) / weights.sum().clamp(min=1)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
