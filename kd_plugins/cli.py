@@ -10,6 +10,8 @@ Subcommands:
 * ``kd-plugins demo [...]`` -- the SmolLM2 demonstration (``kd_plugins.recipes.main_job``).
 * ``kd-plugins cache-teacher --teacher PATH|smollm2 --data pydoc_topics|PATH --out DIR [--k 64] [--layers ...]``
   -- the offline teacher cache (``kd_plugins.integrations.teacher_cache``).
+* ``kd-plugins generate --out DIR [--prompts mixed|instructions|corpus|FILE] ...`` -- teacher-generated distillation
+  data and its teacher cache (``kd_plugins.recipes.generate``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ _DELEGATED = {
     "demo": ("kd_plugins.recipes.main_job", "the SmolLM2 distillation demo"),
     "cache-teacher": ("kd_plugins.integrations.teacher_cache", "run a teacher once and cache its top-k log-probs"),
     "report": ("kd_plugins.report", "plot per-term KD losses and scheduler weights of a run"),
+    "generate": ("kd_plugins.recipes.generate", "sample distillation data from the teacher and cache the teacher on it"),
 }
 
 
