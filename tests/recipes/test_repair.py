@@ -52,8 +52,14 @@ def test_block_targets_follow_the_residual_stream():
     assert repair_layers([2, 4], 8) == [1, 3, 7]
 
 
-def test_block_runner_reproduces_the_models_own_forward():
-    teacher = _teacher()
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_block_runner_reproduces_the_models_own_forward(attention):
+    from transformers import AutoModelForCausalLM
+
+    from .conftest import tiny_config
+
+    torch.manual_seed(1)
+    teacher = AutoModelForCausalLM.from_config(tiny_config(hidden=32, layers=6), attn_implementation=attention).eval()
     ids = torch.tensor(_blocks(3))
     with torch.no_grad():
         states = teacher(ids, output_hidden_states=True).hidden_states  # [embeddings, block 0, ..., final norm]
