@@ -453,7 +453,7 @@ def _train(student, kd: dict, teacher, tokenizer, dataset, args, seed: int, run_
     common = dict(model=student, args=sft_args, train_dataset=dataset, processing_class=tokenizer,
                   callbacks=[budget.callback()])
     if kd.get("terms"):
-        trainer = KDSFTTrainer(teacher=teacher, kd_config=load_kd_config(kd), **common)
+        trainer = KDSFTTrainer(teacher=teacher, teacher_tokenizer=tokenizer, kd_config=load_kd_config(kd), **common)
     else:  # no transfer term (CE only): the plain host trainer, no teacher at all
         if float(kd.get("ce_weight", 1.0)) != 1.0:
             raise ValueError("a row without terms must have ce_weight 1.0 (it is plain SFT)")

@@ -19,7 +19,7 @@ Variants (all on the same batch, interleaved: round r runs every variant once in
 
 A KD step runs the student as the trainer integrations do with ``KDConfig.fuse_task_loss`` (the default): when a
 logit term is configured (``dkd``, ``full``, ``live``, ``cached``) the student runs its backbone only and its CE
-comes from the logit term's chunked pass (``Distiller(..., task_loss="fused")``), so the student's LM head runs
+comes from the logit term's chunked pass (a ``StudentMode.FUSED_CE`` step plan), so the student's LM head runs
 once, and wherever the scheduler knows the term's weight before the step (constant weights; gradnorm's ordinary
 steps) the CE gradient is projected together with the KD gradient (``WeightScheduler.weights_in_advance``);
 otherwise the student's own forward computes the CE. The ``... (host CE)`` variants run the same steps with
@@ -80,7 +80,7 @@ def make_batch(tokenizer, vocab: int):
 
 
 def bench(repeats: int, threads: int) -> dict:
-    from kd_plugins import BatchContext, Distiller, KDConfig, ModelInfo
+    from kd_plugins import BatchContext, Distiller, HostFacts, KDConfig, ModelInfo, StudentMode
     from kd_plugins.capture import FeatureCapture, run_backbone
     from kd_plugins.integrations.teacher_cache import cache_teacher
 
@@ -138,22 +138,25 @@ def bench(repeats: int, threads: int) -> dict:
 
     def kd_step(label, step, cached=False, fuse=True):
         s_capture, t_capture, req = captures[label]
-        fuse = fuse and distillers[label].task_loss_carrier() is not None
+        # what KDTrainerMixin does with fuse_task_loss: the plan says backbone only + the CE from the logit term
+        plan = distillers[label].plan(HostFacts(fusable_task_loss=fuse), step=step)
+        fused = plan.student_mode is StudentMode.FUSED_CE
         with s_capture.recording():
-            if fuse:  # what KDTrainerMixin does with fuse_task_loss: backbone only, CE from the logit term
+            if fused:
                 run_backbone(student, inputs)
-                task = "fused"
+                task = None
             else:
                 task = student(**inputs).loss
         student_capture = s_capture.result()
         if cached:
-            teacher_capture = cache.capture(inputs, layers=req.teacher_layers)
+            teacher_capture = cache.capture(inputs, req)
         else:
             with torch.no_grad(), t_capture.recording():
                 run_backbone(teacher, inputs)
             teacher_capture = t_capture.result()
         batch = BatchContext.from_inputs(labels=inputs["labels"], attention_mask=inputs["attention_mask"], step=step)
-        out = distillers[label](student_capture, teacher_capture, batch, task_loss=task, shared_params=shared)
+        out = distillers[label](student_capture, teacher_capture, batch, plan=plan, task_loss=task,
+                                shared_params=shared)
         sft_step(out.loss)
         if label in kd_optimizers:
             kd_optimizers[label].step()

@@ -303,6 +303,10 @@ class TeacherCache:
             raise TeacherCacheError(f"{where} holds teacher layers {self.layers}, the run needs layers {missing}; "
                                     "rebuild it with --layers including them")
 
+    def prepare(self, requirements: Requirements) -> None:
+        """The :class:`~kd_plugins.TeacherSource` check before training: :meth:`check_requirements`."""
+        self.check_requirements(requirements)
+
     def check_requirements(self, requirements: Requirements) -> None:
         """Refuse a distillation setup the cache cannot serve (teacher q/k/v, layers not cached)."""
         if requirements.teacher_qkv_layers:
@@ -387,6 +391,14 @@ class TeacherCache:
             except Exception as exc:  # safetensors raises its own error types
                 raise TeacherCacheError(f"{self.path}: shard {shard} cannot be read ({exc}); rebuild the cache") from exc
         return {name: handle.get_slice(name)[row : row + length] for name in (names or handle.keys())}
+
+    def missing_rows(self, rows: Any) -> list[int]:
+        """Indices of ``rows`` (token-id sequences, or a dataset with ``input_ids``) that are not a cached example,
+        by content -- so a trainer can refuse a dataset the cache does not cover before its first step."""
+        if hasattr(rows, "column_names"):
+            rows = rows["input_ids"]
+        return [i for i, ids in enumerate(rows)
+                if _content_key(torch.as_tensor(list(ids), dtype=torch.int32)) not in self._by_key]
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -486,7 +498,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--shard_tokens", type=int, default=1 << 18)
     args = parser.parse_args(argv)
+    try:
+        return _run_cli(args)
+    except (OSError, ValueError, IndexError) as exc:  # bad input: a message, not a traceback (ConfigError is one)
+        if isinstance(exc, TeacherCacheError):
+            raise
+        raise TeacherCacheError(f"{type(exc).__name__}: {exc}") from exc
 
+
+def _run_cli(args: Any) -> int:
+    _check_cli_inputs(args)
     if args.teacher == "smollm2":
         from kd_plugins.recipes.smollm2 import load_smollm2
 
@@ -514,3 +535,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {len(cache)} examples, {cache.manifest['num_tokens']} tokens to {cache.path}: "
           f"{cache.bytes_per_token():.1f} bytes/token (k={cache.k}, layers={cache.layers})")
     return 0
+
+
+def _check_cli_inputs(args: Any) -> None:
+    """Refuse ``kd-plugins cache-teacher`` arguments that cannot work, naming them, before anything is loaded."""
+    from kd_plugins.integrations.teachers import looks_like_hub_id
+
+    if args.teacher != "smollm2" and not Path(args.teacher).exists() and not looks_like_hub_id(args.teacher):
+        raise TeacherCacheError(f"--teacher {args.teacher!r} does not exist (no folder {Path(args.teacher).resolve()});"
+                                " pass a saved model folder (with its tokenizer), a hub id or 'smollm2'")
+    if args.data != "pydoc_topics":
+        data = Path(args.data)
+        if not data.exists():
+            raise TeacherCacheError(f"--data {args.data!r} does not exist ({data.resolve()}); pass 'pydoc_topics', a "
+                                    "folder saved with Dataset.save_to_disk, or a JSON file with a list of token-id "
+                                    "lists")
+        if args.data.endswith(".json"):
+            try:
+                blocks = json.loads(data.read_text())
+            except ValueError as exc:
+                raise TeacherCacheError(f"--data {args.data!r} is not valid JSON ({exc}); expected a list of token-id "
+                                        "lists such as [[1, 2, 3], [4, 5]]") from exc
+            if not (isinstance(blocks, list) and blocks and all(isinstance(b, list) and b and all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in b) for b in blocks)):
+                raise TeacherCacheError(f"--data {args.data!r} must hold a non-empty list of non-empty token-id lists "
+                                        "such as [[1, 2, 3], [4, 5]]")
+    if args.k < 1:
+        raise TeacherCacheError(f"--k {args.k} is invalid; expected an integer >= 1")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise TeacherCacheError(f"--out {args.out!r} exists and is not an empty folder; choose a new directory")

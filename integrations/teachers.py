@@ -1,39 +1,79 @@
-"""Teachers: resolve what the user passed (a model, a path, or ``"self"``) into a frozen teacher, and check that
-teacher and student can be distilled.
+"""Teachers: resolve what the user passed (a model, a path, ``"self"`` or a teacher cache) into one
+:class:`~kd_plugins.TeacherSource`, and check that teacher and student can be distilled.
 
-``"self"`` makes a PEFT student its own teacher: the frozen base model with the adapters disabled.
+``"self"`` makes a PEFT student its own teacher: the frozen base model with the adapters disabled. A live teacher
+(:class:`LiveTeacher`) and an offline :class:`~kd_plugins.integrations.teacher_cache.TeacherCache` answer the same
+``capture(inputs, requirements)`` call, so a trainer never branches on where the teacher's tensors come from.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
-from typing import Any, Iterator
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from kd_plugins.capture import unwrap_model
+from kd_plugins.capture import FeatureCapture, run_backbone, unwrap_model
 from kd_plugins.errors import ConfigError, IncompatibleModelsError
-from kd_plugins.types import ModelInfo, Requirements
+from kd_plugins.types import ModelCapture, ModelInfo, Requirements, TeacherSource
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass
-class Teacher:
-    """A resolved teacher.
+class LiveTeacher:
+    """A teacher model run on every batch (a :class:`~kd_plugins.TeacherSource`).
 
-    Attributes:
-        model: the teacher model; for ``self`` the PEFT student itself.
-        is_self: True when the teacher is the student's base with adapters disabled.
+    Args:
+        model: the frozen teacher; for ``is_self`` the PEFT student itself.
+        is_self: the teacher is the student's base model with its adapters disabled (``teacher="self"``).
+        info: its :class:`~kd_plugins.ModelInfo` (default: read from the model's config).
+
+    :meth:`capture` runs the model's forward without its LM head (``no_grad``, eval mode, adapters off for ``self``)
+    while forward hooks record what the requirements ask for; the hooks are attached by :meth:`prepare` (or the
+    first capture) and replaced when the requirements change.
     """
 
-    model: nn.Module
-    is_self: bool = False
+    def __init__(self, model: nn.Module, *, is_self: bool = False, info: ModelInfo | None = None):
+        self.model = model
+        self.is_self = is_self
+        self._info = info if info is not None else model_info(model, "teacher")
+        self._capture: FeatureCapture | None = None
+        self._requirements: Requirements | None = None
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def prepare(self, requirements: Requirements) -> None:
+        """Attach the forward hooks ``requirements`` need (raises :class:`~kd_plugins.IncompatibleModelsError` for a
+        module layout they cannot be read from), so a problem shows before the first training step."""
+        if self._capture is not None and requirements == self._requirements:
+            return
+        self.close()
+        self._capture = FeatureCapture(
+            self.model, info=self._info, layers=requirements.teacher_layers,
+            qkv_layers=requirements.teacher_qkv_layers, final_hidden=requirements.final_hidden,
+        )
+        self._requirements = requirements
+
+    def capture(self, inputs: Mapping[str, Any], requirements: Requirements) -> ModelCapture:
+        self.prepare(requirements)
+        with self.forward_context(), self._capture.recording():
+            run_backbone(self.model, inputs)
+            return self._capture.result()  # inside the context: a 'self' teacher's head has its adapters off
+
+    def close(self) -> None:
+        """Detach the forward hooks."""
+        if self._capture is not None:
+            self._capture.remove()
+        self._capture, self._requirements = None, None
 
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[None]:
@@ -58,19 +98,38 @@ def resolve_teacher(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     **from_pretrained_kwargs: Any,
-) -> Teacher:
-    """Turn ``teacher`` into a frozen, eval-mode :class:`Teacher` on the student's device.
+) -> TeacherSource:
+    """Turn ``teacher`` into a :class:`~kd_plugins.TeacherSource`: a frozen, eval-mode :class:`LiveTeacher` on the
+    student's device, or the given source itself.
 
     Args:
-        teacher: an ``nn.Module``; a model path / hub id (loaded with ``AutoModelForCausalLM.from_pretrained``);
-            or ``"self"`` for a PEFT student whose base model (adapters disabled) is the teacher.
+        teacher: an ``nn.Module``; a model path / hub id (loaded with ``AutoModelForCausalLM.from_pretrained``); the
+            folder of a teacher cache (``kd-plugins cache-teacher``: read as a
+            :class:`~kd_plugins.integrations.teacher_cache.TeacherCache`); ``"self"`` for a PEFT student whose base
+            model (adapters disabled) is the teacher; or anything that already is a :class:`~kd_plugins.TeacherSource`
+            (e.g. a ``TeacherCache``), returned as it is.
         student: the student model (its device and dtype are the defaults).
-        dtype: ``auto`` (the student's dtype), ``float32``, ``bfloat16`` or ``float16``.
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``. A path is loaded in this dtype (``auto``: the
+            student's). A model object is never converted: ``auto`` keeps its own dtype (the losses compute in fp32
+            from any input dtype), and an explicit dtype it is not in is refused -- converting it in place would
+            change your object, and a converted copy would hold the teacher twice in memory.
         trust_remote_code: passed to ``from_pretrained``; off unless you ask for it.
 
+    A model object is left as you passed it -- dtype, ``requires_grad`` flags and train/eval mode; it runs under
+    ``no_grad`` in eval mode for each capture and gets its mode back -- except its device: a teacher on another
+    (single) device than the student is moved to the student's device in place, as the Trainer moves the student
+    (a copy there would cost the same device memory and keep the original too). A teacher loaded from a path is
+    ours: frozen and in eval mode.
+
     Raises:
-        ConfigError: ``"self"`` with a student that is not a PEFT model, or an unknown dtype.
+        ConfigError: ``"self"`` with a student that is not a PEFT model; an unknown dtype; a model object in another
+            dtype than an explicit ``dtype``; a teacher object sharing parameter tensors with the student; a teacher
+            path that does not exist or cannot be loaded.
     """
+    if isinstance(teacher, TeacherSource):
+        return teacher
+    if isinstance(teacher, os.PathLike):
+        teacher = os.fspath(teacher)
     student_param = next(student.parameters())
     if dtype == "auto":
         target_dtype = student_param.dtype
@@ -85,29 +144,98 @@ def resolve_teacher(
                 "teacher='self' needs a PEFT student (its base model with adapters disabled is the teacher), but "
                 f"the student is a {type(student).__name__}; pass a teacher model or path, or add a peft_config"
             )
-        return Teacher(model=student, is_self=True)
+        return LiveTeacher(student, is_self=True)
 
     if isinstance(teacher, str):
-        from transformers import AutoModelForCausalLM
+        if is_teacher_cache(teacher):
+            from kd_plugins.integrations.teacher_cache import TeacherCache
 
-        model = AutoModelForCausalLM.from_pretrained(
-            teacher, dtype=target_dtype, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
-        )
-    elif isinstance(teacher, nn.Module):
-        model = teacher
-    else:
+            return TeacherCache(teacher)
+        model = load_pretrained_teacher(teacher, dtype=target_dtype, trust_remote_code=trust_remote_code,
+                                        **from_pretrained_kwargs)
+        model.requires_grad_(False)  # ours: loaded for this run
+        model.eval()
+        return LiveTeacher(model.to(device=student_param.device))
+    if not isinstance(teacher, nn.Module):
         raise ConfigError(
-            f"teacher={teacher!r} is invalid; expected a model object, a model path / hub id, or 'self'"
+            f"teacher={teacher!r} is invalid; expected a model object, a model path / hub id, a teacher cache "
+            "folder, or 'self'"
         )
+    model = teacher
     if model is student:
         raise ConfigError("the teacher is the student object itself; use teacher='self' with a PEFT student")
-
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    _refuse_shared_parameters(model, student)
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    if dtype != "auto" and dtypes != [dtype]:
+        raise ConfigError(
+            f"teacher_dtype={dtype!r}, but the teacher object you passed holds {', '.join(dtypes)} weights; kd_plugins "
+            "does not convert your object (in place it would change it, as a copy it would hold the teacher twice in "
+            f"memory). Convert it yourself (teacher.to(torch.{dtype})), set teacher_dtype: auto to use it as it is, "
+            "or pass its path so it is loaded in that dtype"
+        )
+    devices = {p.device for p in model.parameters()}
+    if len(devices) == 1 and devices != {student_param.device} and not getattr(model, "hf_device_map", None):
+        logger.info("kd_plugins: moving the teacher from %s to the student's device %s", devices.pop(),
+                    student_param.device)
+        model.to(device=student_param.device)
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
     if trainable:
-        logger.info("kd_plugins: freezing %d trainable teacher parameter tensors", len(trainable))
-    model.requires_grad_(False)
-    model.eval()
-    return Teacher(model=model.to(device=student_param.device, dtype=target_dtype))
+        logger.info("kd_plugins: the teacher runs under no_grad; its %d trainable parameter tensors get no gradient "
+                    "(their requires_grad flags are left as they are)", trainable)
+    return LiveTeacher(model)
+
+
+def is_teacher_cache(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder written by ``kd-plugins cache-teacher`` (it holds ``manifest.json`` and
+    ``index.json``)."""
+    folder = Path(path)
+    return folder.is_dir() and (folder / "manifest.json").is_file() and (folder / "index.json").is_file()
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """True when ``value`` has the form of a Hugging Face hub repository id (``name`` or ``owner/name``), which
+    ``from_pretrained`` would look up on the hub rather than on disk."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?", value)) and ".." not in value
+
+
+def check_model_location(value: str, what: str, *, base: str | os.PathLike | None = None) -> None:
+    """Refuse ``value`` (a model, tokenizer or data location) that is neither an existing path nor a hub id: a
+    typo in a local path says the path does not exist instead of the hub's ``HFValidationError``. ``base``: the
+    folder relative paths were resolved from (named in the message)."""
+    if os.path.exists(value) or looks_like_hub_id(value):
+        return
+    where = f"relative paths resolve from {base}" if base is not None else f"relative paths resolve from {os.getcwd()}"
+    raise ConfigError(f"{what}={value!r} does not exist (no such file or folder: {os.path.abspath(value)}; {where}) "
+                      "and is not a hub model id; check the path")
+
+
+def load_pretrained_teacher(path: str, *, dtype: torch.dtype, trust_remote_code: bool = False,
+                            **from_pretrained_kwargs: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path, ...)``, with a :class:`~kd_plugins.ConfigError` naming the path
+    when it does not exist or cannot be loaded."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_location(path, "teacher")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, **from_pretrained_kwargs
+        )
+    except (OSError, ValueError) as exc:
+        where = "folder" if os.path.isdir(path) else "hub id"
+        raise ConfigError(f"teacher={path!r} could not be loaded as a causal LM (a {where}; {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else exc!r}); check the path") from exc
+
+
+def _refuse_shared_parameters(teacher: nn.Module, student: nn.Module) -> None:
+    """A teacher sharing parameter tensors with the student would change as the student trains."""
+    student_storage = {(p.device, p.data_ptr()) for p in student.parameters() if p.numel()}
+    shared = [name for name, p in teacher.named_parameters() if p.numel() and (p.device, p.data_ptr()) in student_storage]
+    if shared:
+        raise ConfigError(
+            f"the teacher shares {len(shared)} parameter tensors with the student (e.g. {shared[0]!r}), so training "
+            "the student would change the teacher; pass a separate copy (copy.deepcopy(teacher)) or, for a PEFT "
+            "student distilled from its own base, teacher='self'"
+        )
 
 
 def model_info(model: nn.Module, name: str) -> ModelInfo:
@@ -128,7 +256,8 @@ def check_compatible(
         raise IncompatibleModelsError(
             f"vocabulary mismatch: student {student.name!r} has vocab_size={student.vocab_size}, teacher "
             f"{teacher.name!r} has vocab_size={teacher.vocab_size}; logit-level terms need one shared vocabulary "
-            "(use the same tokenizer, or only representation-level terms)"
+            "(the same tokenizer; one tokenizer padded to different sizes is compared on its shared real tokens when "
+            "the trainer knows both tokenizers: processing_class= and teacher_tokenizer=)"
         )
     if requirements is not None:
         for side, info, layers in (

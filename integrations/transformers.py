@@ -10,19 +10,37 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass, field
 
 import torch
-
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from torch import Tensor
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from kd_plugins.distiller import Distiller
 from kd_plugins.errors import KDError
+from kd_plugins.kd_state import state_metadata, verify_kd_state
 
 logger = logging.getLogger(__name__)
 
 KD_STATE_NAME = "kd_state.safetensors"
+
+
+@dataclass
+class KDState:
+    """A KD-state file read and verified by :meth:`DistillationCallback.read`, not yet applied.
+
+    Attributes:
+        path: the file.
+        tensors: ``{name: tensor}`` on CPU.
+        differences: configuration differences ``allow_config_change_on_resume`` let through (empty: the file was
+            saved with this configuration); a non-empty list means only the fitting tensors are restored.
+    """
+
+    path: str
+    tensors: dict[str, Tensor]
+    differences: list[str] = field(default_factory=list)
 
 
 class DistillationCallback(TrainerCallback):
@@ -100,12 +118,14 @@ class DistillationCallback(TrainerCallback):
             self.save(folder)
 
     def save(self, folder: str) -> str:
-        """Write the Distiller state into ``folder``; return the file path."""
+        """Write the Distiller state into ``folder`` (with the resolved KD configuration and a checksum in its
+        metadata, see :mod:`kd_plugins.kd_state`); return the file path."""
         path = os.path.join(folder, KD_STATE_NAME)
         fd, tmp = tempfile.mkstemp(prefix=".kd_state.", suffix=".tmp", dir=folder)
         os.close(fd)
         try:
-            save_file(self.distiller.kd_state_dict(), tmp, metadata={"format": "pt", "producer": "kd_plugins"})
+            tensors = self.distiller.kd_state_dict()
+            save_file(tensors, tmp, metadata=state_metadata(self.distiller, tensors))
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -114,12 +134,18 @@ class DistillationCallback(TrainerCallback):
         logger.info("kd_plugins: saved distillation state to %s", path)
         return path
 
-    def load(self, folder: str, *, strict: bool = True) -> bool:
-        """Restore the Distiller state from ``folder``.
+    def read(self, folder: str, *, strict: bool = True) -> KDState | None:
+        """Read and verify the Distiller state in ``folder`` without applying it (:meth:`apply` does).
 
-        Raises ``FileNotFoundError`` naming the file when it is absent (or returns False with a warning when
-        ``strict`` is False), :class:`~kd_plugins.KDError` naming the file when it is unreadable, and
-        :class:`~kd_plugins.ConfigError` when it belongs to another KD configuration."""
+        Returns None (with a warning) when the file is absent and ``strict`` is False.
+
+        Raises:
+            FileNotFoundError: the file is absent and ``strict`` (the message names the file).
+            KDError: the file is unreadable or corrupt (its checksum does not match; the message names the file).
+            ConfigError: it was saved with another KD configuration (the message lists the differing fields; set
+                ``allow_config_change_on_resume: true`` to restore what still fits), or its tensors do not fit this
+                Distiller (names and shapes).
+        """
         path = os.path.join(folder, KD_STATE_NAME)
         if not os.path.isfile(path):
             if strict:
@@ -129,14 +155,43 @@ class DistillationCallback(TrainerCallback):
                     "checkpoint, or set trainer.kd_resume_requires_state = False to start them fresh."
                 )
             logger.warning("kd_plugins: %s not found; projectors and scheduler start fresh", path)
-            return False
+            return None
         try:
-            state = load_file(path, device="cpu")
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt", device="cpu") as handle:
+                metadata = handle.metadata()
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except Exception as exc:  # safetensors' own message names neither the file nor the remedy
             raise KDError(
                 f"{path} is unreadable ({type(exc).__name__}: {exc}); it may have been cut short by a crash: "
                 "resume from an earlier checkpoint"
             ) from exc
-        self.distiller.load_kd_state_dict(state)
-        logger.info("kd_plugins: restored distillation state from %s", path)
+        allow = self.distiller.config.allow_config_change_on_resume
+        differences = verify_kd_state(tensors, metadata, self.distiller, where=path, allow_config_change=allow)
+        if differences == ["<no configuration stored>"]:
+            logger.warning("kd_plugins: %s stores no KD configuration or checksum (written by an older kd_plugins); "
+                           "its tensors fit this run and are restored", path)
+            differences = []
+        elif differences:
+            logger.warning("kd_plugins: %s was saved with another KD configuration (allow_config_change_on_resume):"
+                           "\n  %s", path, "\n  ".join(differences))
+        return KDState(path=path, tensors=tensors, differences=differences)
+
+    def apply(self, state: KDState) -> None:
+        """Load a state returned by :meth:`read` into the Distiller: exactly (the same configuration), or only the
+        tensors whose name and shape still fit when the configuration changed (the rest start fresh, logged)."""
+        fresh = self.distiller.load_kd_state_dict(state.tensors, partial=bool(state.differences))
+        if fresh:
+            logger.warning("kd_plugins: %d distillation tensors start fresh (not in %s or another shape): %s",
+                           len(fresh), state.path, fresh)
+        logger.info("kd_plugins: restored distillation state from %s", state.path)
+
+    def load(self, folder: str, *, strict: bool = True) -> bool:
+        """Restore the Distiller state from ``folder`` (:meth:`read`, then :meth:`apply`; nothing is loaded when
+        :meth:`read` refuses the file). Returns False when the file is absent and ``strict`` is False."""
+        state = self.read(folder, strict=strict)
+        if state is None:
+            return False
+        self.apply(state)
         return True

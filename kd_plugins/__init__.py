@@ -14,6 +14,7 @@ from kd_plugins.errors import (
     UnknownComponentError,
 )
 from kd_plugins.hookspecs import hookimpl
+from kd_plugins.plan import HostFacts, StepPlan, StudentMode, TermPlan, plan_step
 from kd_plugins.plugins import available_components, get_plugin_manager, reset_plugin_manager
 from kd_plugins.types import (
     BatchContext,
@@ -37,6 +38,7 @@ __all__ = [
     "Distiller",
     "DuplicateComponentError",
     "GradientProbe",
+    "HostFacts",
     "IncompatibleModelsError",
     "KDConfig",
     "KDError",
@@ -46,12 +48,16 @@ __all__ = [
     "PluginLoadError",
     "Requirements",
     "SchedulerConfig",
+    "StepPlan",
+    "StudentMode",
     "TeacherSource",
     "TermConfig",
+    "TermPlan",
     "UnknownComponentError",
     "WeightScheduler",
     "available_components",
     "get_plugin_manager",
     "hookimpl",
+    "plan_step",
     "reset_plugin_manager",
 ]

@@ -8,6 +8,8 @@ Subcommands:
   ``trl sft`` with distillation; every ``trl sft`` argument and YAML key works, plus ``kd_config:`` (a path) or
   an inline ``kd:`` block and ``teacher_model_name_or_path:`` in the same ``--config`` YAML.
 * ``kd-plugins demo [...]`` -- the SmolLM2 demonstration (``kd_plugins.recipes.main_job``).
+* ``kd-plugins eval --student DIR [--teacher smollm2|PATH] [--tasks ...] [--domains ...]`` -- the retention suite
+  (in-domain, out-of-domain and lm-evaluation-harness tasks) for a saved student (``kd_plugins.recipes.eval_cli``).
 * ``kd-plugins cache-teacher --teacher PATH|smollm2 --data pydoc_topics|PATH --out DIR [--k 64] [--layers ...]``
   -- the offline teacher cache (``kd_plugins.integrations.teacher_cache``).
 * ``kd-plugins generate --out DIR [--prompts mixed|instructions|corpus|FILE] ...`` -- teacher-generated distillation
@@ -24,6 +26,7 @@ from typing import Sequence
 _DELEGATED = {
     "sft": ("kd_plugins.integrations.sft_cli", "TRL's `trl sft` with distillation (all trl sft arguments + KD)"),
     "demo": ("kd_plugins.recipes.main_job", "the SmolLM2 distillation demo"),
+    "eval": ("kd_plugins.recipes.eval_cli", "retention suite: a saved student vs its teacher, in and out of domain"),
     "cache-teacher": ("kd_plugins.integrations.teacher_cache", "run a teacher once and cache its top-k log-probs"),
     "report": ("kd_plugins.report", "plot per-term KD losses and scheduler weights of a run"),
     "generate": ("kd_plugins.recipes.generate", "sample distillation data from the teacher and cache the teacher on it"),

@@ -15,7 +15,9 @@ the term's builder. ``label`` (default: the name) is the key used in logs; use i
 
 from __future__ import annotations
 
+import difflib
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -142,13 +144,19 @@ class KDConfig:
             last block), ``final_norm`` (reached by logit terms and the task loss only), or a parameter-name substring.
         fuse_task_loss: let the trainer integrations run the student's LM head once per training step (default
             True; same loss and gradients to float rounding). With ``ce_weight: 0`` (and a scheduler that does
-            not use the task loss, i.e. not ``conflict``) the student runs its backbone only: no host loss, no LM
-            head, no CE. With ``ce_weight > 0`` and a logit term (``forward_kl``, ``reverse_kl``,
-            ``generalized_jsd``, ``dkd``) the host's causal-LM cross-entropy is computed by that term's chunked pass
-            over the student's head instead of a second pass. Steps the optimisation cannot reproduce exactly
-            (another host loss, label smoothing, ``return_outputs``, distributed wrappers, ...) run the host's
-            ``compute_loss`` as before. False: always run the host's ``compute_loss`` (its own metrics, e.g. TRL's
-            ``entropy`` and ``mean_token_accuracy``, are logged only then).
+            not read the task loss: ``reads_task_loss = False``, every built-in except ``conflict``) the student runs
+            its backbone only: no host loss, no LM head, no CE. With ``ce_weight > 0`` and a term that carries the
+            task loss (``forward_kl``, ``reverse_kl``, ``generalized_jsd``, ``dkd``) the host's causal-LM
+            cross-entropy is computed by that term's chunked pass over the student's head instead of a second pass,
+            in one process and under DDP alike. Steps the optimisation cannot reproduce exactly (another host loss,
+            label smoothing, ``return_outputs``, FSDP/DeepSpeed students, ...) run the host's ``compute_loss`` as
+            before (see :mod:`kd_plugins.plan`). False: always run the host's ``compute_loss`` (its own metrics, e.g.
+            TRL's ``entropy`` and ``mean_token_accuracy``, are logged only then).
+        teacher_cache: directory of an offline teacher cache (``kd-plugins cache-teacher``) used as the teacher when
+            the trainer is given no ``teacher=``; in a YAML file a relative path resolves from the file's folder.
+        allow_config_change_on_resume: resume from a checkpoint whose KD state was saved with another KD
+            configuration (default False: such a resume is refused, naming the fields that differ). When True the
+            differences are logged, tensors whose name and shape still match are restored and the rest start fresh.
     """
 
     ce_weight: float = 1.0
@@ -159,8 +167,11 @@ class KDConfig:
     on_nonfinite_teacher: str = "raise"
     shared_params: str = "last_layer"
     fuse_task_loss: bool = True
+    teacher_cache: str | None = None
+    allow_config_change_on_resume: bool = False
 
     def __post_init__(self) -> None:
+        _check_terms_is_a_list(self.terms)
         self.terms = [t if isinstance(t, TermConfig) else TermConfig.from_dict(t) for t in (self.terms or [])]
         if not isinstance(self.scheduler, SchedulerConfig):
             self.scheduler = SchedulerConfig.from_dict(self.scheduler)
@@ -186,22 +197,78 @@ class KDConfig:
             )
         if not self.terms and self.ce_weight == 0:
             raise ConfigError("KDConfig: no terms and ce_weight=0 leaves nothing to train; add a term or set ce_weight")
+        if self.ce_weight == 0 and all(t.weight == 0 for t in self.terms):
+            raise ConfigError(
+                f"KDConfig: every term weight is 0 ({', '.join(f'{t.label}: {t.weight!r}' for t in self.terms)}) and "
+                "ce_weight=0, so nothing would be trained (loss 0, gradient 0 at every step); give a term a weight > 0 "
+                "or set ce_weight > 0"
+            )
+        if self.teacher_cache is not None and not (isinstance(self.teacher_cache, (str, os.PathLike))
+                                                   and str(self.teacher_cache)):
+            raise ConfigError(f"KDConfig: teacher_cache={self.teacher_cache!r} is invalid; expected the path of a "
+                              "teacher cache directory (built with `kd-plugins cache-teacher`) or null")
+        if self.teacher_cache is not None:
+            self.teacher_cache = os.fspath(self.teacher_cache)
+        if not isinstance(self.allow_config_change_on_resume, bool):
+            raise ConfigError(f"KDConfig: allow_config_change_on_resume={self.allow_config_change_on_resume!r} is "
+                              "invalid; expected true or false")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "KDConfig":
         if not isinstance(data, Mapping):
-            raise ConfigError(f"KDConfig: expected a mapping, got {type(data).__name__}")
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - allowed)
+            raise ConfigError(f"KDConfig: expected a mapping of KD settings (ce_weight, terms, scheduler, ...), got "
+                              f"{type(data).__name__} {data!r}")
+        allowed = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(allowed), key=str)
         if unknown:
-            raise ConfigError(f"KDConfig: unknown keys {unknown}; allowed keys: {sorted(allowed)}")
+            hints = [f"{key!r} -> did you mean {close[0]!r}?" for key in unknown
+                     if (close := difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6))]
+            raise ConfigError(f"KDConfig: unknown keys {unknown}{' (' + '; '.join(hints) + ')' if hints else ''}; "
+                              f"allowed keys: {sorted(allowed)}")
         return cls(**dict(data))
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> "KDConfig":
-        """Load from a YAML file path or a YAML string (safe loading only)."""
-        text = Path(source).read_text() if _looks_like_path(source) else str(source)
-        data = yaml.safe_load(text) or {}
+        """Load from a YAML file path or a YAML string (safe loading only).
+
+        A ``Path``, or a one-line string naming an existing file or ending in ``.yaml`` / ``.yml``, is a file: a missing
+        file, a directory, a YAML syntax error (with its line and column) or a file that holds no mapping is a
+        :class:`~kd_plugins.ConfigError` naming the file. A relative ``teacher_cache`` in a file resolves from the
+        file's folder.
+
+        Raises:
+            ConfigError: the file does not exist or cannot be parsed, or the settings are invalid.
+        """
+        path = _as_path(source)
+        if path is not None:
+            where = f"KD config file {str(source)!r}"
+            if path.is_dir():
+                raise ConfigError(f"{where} is a directory ({path.resolve()}); pass the YAML file inside it")
+            if not path.is_file():
+                raise ConfigError(f"{where} does not exist (looked for {path.resolve()}); check the path (relative "
+                                  f"paths resolve from {Path.cwd()})")
+            data = _parse_yaml(path.read_text(), where)
+            if data is None:
+                data = {}
+            if not isinstance(data, Mapping):
+                raise ConfigError(f"{where}: expected a mapping of KD settings (ce_weight, terms, scheduler, ...), got "
+                                  f"{type(data).__name__} {data!r}")
+            cache = data.get("teacher_cache")
+            if isinstance(cache, str) and cache and not os.path.isabs(cache):
+                data = {**data, "teacher_cache": str(path.resolve().parent / cache)}
+            return cls.from_dict(data)
+        text = str(source)
+        data = _parse_yaml(text, "KD config text")
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            if "\n" not in text.strip():
+                raise ConfigError(
+                    f"kd_config={text!r} is neither an existing file (no such file: {Path(text).resolve()}) nor YAML "
+                    f"text for a mapping of KD settings (it parses as {type(data).__name__}); check the path"
+                )
+            raise ConfigError(f"KD config text: expected a mapping of KD settings (ce_weight, terms, scheduler, ...), "
+                              f"got {type(data).__name__} {data!r}")
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,7 +286,47 @@ class KDConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _looks_like_path(source: str | Path) -> bool:
-    if isinstance(source, Path):
-        return True
-    return "\n" not in source and source.endswith((".yaml", ".yml")) and Path(source).exists()
+def _as_path(source: str | Path) -> Path | None:
+    """``source`` as a file path, or None when it is YAML text."""
+    if isinstance(source, os.PathLike):
+        return Path(source)
+    text = str(source)
+    if "\n" in text.strip() or not text.strip():
+        return None
+    if text.strip().endswith((".yaml", ".yml")) or Path(text).is_file():
+        return Path(text.strip())
+    return None
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        position = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error{position}: {problem}") from exc
+
+
+def _check_terms_is_a_list(terms: Any) -> None:
+    """``terms`` must be a list: a string or one mapping would be read character by character or key by key."""
+    if terms is None or isinstance(terms, (list, tuple)):
+        return
+    if isinstance(terms, str):
+        raise ConfigError(
+            f"KDConfig: terms={terms!r} is a single string, but terms is a list of terms; write "
+            f"`terms: [{terms}]` or `terms: [{{name: {terms}, weight: 1.0}}]`"
+        )
+    if isinstance(terms, Mapping):
+        if "name" in terms:
+            entries = [dict(terms)]
+            what = "one term's mapping"
+        else:  # {dkd: {weight: 1}} -- a mapping of names to options
+            entries = [{"name": key, **(value if isinstance(value, Mapping) else {})} for key, value in terms.items()]
+            what = "a mapping of names"
+        form = yaml.safe_dump(entries, default_flow_style=True, sort_keys=False).strip()
+        raise ConfigError(
+            f"KDConfig: terms={dict(terms)!r} is {what}, but terms is a list of terms; write `terms: {form}` (in block "
+            "YAML, start each entry with '- ')"
+        )
+    raise ConfigError(f"KDConfig: terms={terms!r} is invalid; expected a list like `terms: [{{name: dkd, weight: 1.0}}]`")

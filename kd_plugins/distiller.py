@@ -7,10 +7,13 @@ It never owns the student or the teacher: integrations capture their tensors and
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import inspect
-import math
+import json
+import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import pluggy
 import torch
@@ -18,6 +21,7 @@ from torch import Tensor, nn
 
 from kd_plugins.config import KDConfig
 from kd_plugins.errors import ConfigError
+from kd_plugins.plan import HostFacts, StepPlan, StudentMode, plan_step
 from kd_plugins.plugins import family_of, get_component, get_plugin_manager
 from kd_plugins.types import (
     BatchContext,
@@ -36,11 +40,12 @@ class DistillOutput:
 
     Attributes:
         loss: ``ce_weight * task_loss + transfer`` (just ``transfer`` without a task loss); backpropagate this.
-        transfer: the weighted sum of transfer terms, plus the scheduler's ``regularizer()`` when it has one.
-        losses: ``{label: unweighted loss}``, detached.
+        transfer: the weighted sum of the (plan-scaled) transfer terms, plus the scheduler's ``regularizer(step=...)``
+            when it has one.
+        losses: ``{label: loss}`` as it enters the total (scaled by the step plan, not weighted), detached.
         weights: ``{label: weight}`` applied this step, as floats.
         metrics: extra scalars from terms and scheduler, ready to log.
-        task_loss: the task loss used (detached): the one passed in, or the fused one (``task_loss="fused"``).
+        task_loss: the task loss used (detached): the one passed in, or the carrier's (a ``FUSED_CE`` plan).
     """
 
     loss: Tensor
@@ -123,13 +128,12 @@ class Distiller(nn.Module):
             req = req.merge(term.requirements())
         return req
 
-    def task_loss_carrier(self) -> str | None:
-        """Label of the term that can compute the student's task (CE) loss in its own pass over the LM head
-        (the first logit term with ``can_fuse_task_loss``), or None. See ``forward(task_loss="fused")``."""
-        for label, term in self.terms.items():
-            if getattr(term, "can_fuse_task_loss", False):
-                return label
-        return None
+    def plan(self, facts: HostFacts, *, step: int = 0) -> StepPlan:
+        """This run's :class:`~kd_plugins.plan.StepPlan` for a micro-batch the host describes with ``facts``
+        (:func:`~kd_plugins.plan.plan_step` over the configured terms, scheduler, ``ce_weight`` and
+        ``fuse_task_loss``)."""
+        return plan_step(facts, terms=self.terms, scheduler=self.scheduler, ce_weight=self.config.ce_weight,
+                         fuse_task_loss=self.config.fuse_task_loss, step=step)
 
     # --- the step -----------------------------------------------------------------------------------------
 
@@ -139,66 +143,63 @@ class Distiller(nn.Module):
         teacher: ModelCapture,
         batch: BatchContext,
         *,
-        task_loss: Tensor | str | None = None,
+        plan: StepPlan | None = None,
+        task_loss: Tensor | None = None,
         shared_params: Iterable[Tensor] | None = None,
         reduce: Callable[[Tensor], Tensor] | None = None,
-        regularizer_scale: float = 1.0,
-        task_loss_scale: float = 1.0,
     ) -> DistillOutput:
-        """Compute every term, ask the scheduler for weights and combine.
+        """Compute every term as ``plan`` says, ask the scheduler for weights and combine.
 
         Args:
             student, teacher: captures of this batch (see :class:`ModelCapture`).
-            batch: shared per-batch facts (targets, masks, step, normaliser).
-            task_loss: the host's task loss (e.g. CE), already normalised like the host does it; or ``"fused"``:
-                the carrier term (:meth:`task_loss_carrier`) computes the student's causal-LM cross-entropy on
-                ``batch.labels`` (normalised by ``batch.num_items_in_batch`` like the logit terms) in the same
-                chunked pass over the student's LM head, so the host need not run the head at all.
+            batch: shared per-batch facts (targets, masks, step). Each term sees it with the normalisers the plan
+                gives it (:meth:`StepPlan.term_batch`).
+            plan: the step's :class:`~kd_plugins.plan.StepPlan` (:meth:`plan`); None: a plan from
+                :meth:`HostFacts.from_batch <kd_plugins.plan.HostFacts.from_batch>` -- every term gets the
+                normalisers ``batch`` carries, every scale is 1, and ``task_loss`` is the caller's.
+            task_loss: the host's task loss (e.g. CE), already normalised like the host does it, or None. With a
+                ``FUSED_CE`` plan the carrier term computes it instead (pass None).
             shared_params: student parameters for gradient-aware schedulers (only used on steps where the
                 scheduler asks for gradients).
             reduce: for data parallelism, a callable averaging a tensor across ranks (a collective; the
                 integration builds it from ``torch.distributed``). When given, the scheduler sees the rank-mean of
                 the detached term losses (one call per step) and of every probe gradient (one call per gradient
                 it asks for), so every rank computes the same weights. None: single process.
-            task_loss_scale: factor on a fused task loss (e.g. the host's data-parallel world factor).
-            regularizer_scale: factor on the scheduler's :meth:`~WeightScheduler.regularizer` in this call, so it
-                counts once per optimizer step (``1 / accumulation steps`` when the host does not divide the
-                returned loss by the accumulation steps itself).
+
+        Returns:
+            :class:`DistillOutput`: ``loss = ce_weight * task_loss + sum_i w_i * s_i * L_i + r * regularizer`` with
+            ``s_i`` the plan's term scales and ``r`` its regulariser scale; ``losses`` are the scaled ``s_i * L_i``
+            (what enters the total), detached.
 
         Every rank must call this (or :meth:`skip_transfer`) once per micro-batch with the same ``reduce``
         arrangement: the collectives are issued in the same order on every rank.
         """
-        carrier, promised = None, None
-        if isinstance(task_loss, str):
-            if task_loss != "fused":
-                raise ValueError(f"task_loss={task_loss!r} is invalid; expected a tensor, None or 'fused'")
-            label = self.task_loss_carrier()
-            if label is None:
-                raise ConfigError("task_loss='fused' needs a logit term that can carry the task loss (forward_kl, "
-                                  "reverse_kl, generalized_jsd or dkd); pass the host's task loss instead")
-            carrier = self.terms[label]
-            promised = self._carrier_weight_in_advance(label, batch.step)
-            carrier.request_task_loss(
-                grad_ratio=None if promised is None else self.config.ce_weight * task_loss_scale / promised
-            )
-        losses = {label: term(student, teacher, batch) for label, term in self.terms.items()}
-        if carrier is not None:
-            task_loss = carrier.take_task_loss()
-            if task_loss_scale != 1.0:
-                task_loss = task_loss * task_loss_scale
+        plan = self.plan(HostFacts.from_batch(batch), step=batch.step) if plan is None else plan
+        fused = self._check_plan(plan, batch, task_loss)
+        losses: dict[str, Tensor] = {}
+        for label, term in self.terms.items():
+            term_batch = plan.term_batch(label, batch)
+            if fused and label == plan.carrier:
+                loss, ce = term.forward_with_task_loss(student, teacher, term_batch, task_grad_ratio=plan.ce_grad_ratio)
+                task_loss = ce if plan.task_loss_scale == 1.0 else ce * plan.task_loss_scale
+            else:
+                loss = term(student, teacher, term_batch)
+            scale = plan.terms[label].scale
+            losses[label] = loss if scale == 1.0 else loss * scale
         weights = self._schedule(batch.step, losses, task_loss, shared_params, reduce)
         missing = set(losses) - set(weights)
         if missing:
             raise RuntimeError(f"scheduler {self.config.scheduler.name!r} returned no weight for {sorted(missing)}")
-        if promised is not None:
-            self._check_promised_weight(label, promised, weights[label], batch.step)
+        if plan.ce_grad_ratio is not None:
+            self._check_promised_weight(plan.carrier, plan.carrier_weight, weights[plan.carrier], batch.step)
         device = _device_of(losses, task_loss, batch)
         transfer = torch.zeros((), device=device)
         for label, loss in losses.items():
             transfer = transfer + weights[label] * loss
-        regularizer = self.scheduler.regularizer()
+        regularizer = self.scheduler.regularizer(step=batch.step)
         if regularizer is not None:
-            transfer = transfer + (regularizer if regularizer_scale == 1.0 else regularizer_scale * regularizer)
+            scale = plan.regularizer_scale
+            transfer = transfer + (regularizer if scale == 1.0 else scale * regularizer)
         total = transfer if task_loss is None else self.config.ce_weight * task_loss + transfer
         float_weights = {k: float(weights[k].detach() if isinstance(weights[k], Tensor) else weights[k]) for k in losses}
         detached = {k: v.detach() for k, v in losses.items()}
@@ -233,19 +234,24 @@ class Distiller(nn.Module):
         task = None if task_loss is None else torch.zeros((), device=device)
         self._schedule(batch.step, zeros, task, shared_params, reduce)
 
-    def _carrier_weight_in_advance(self, label: str, step: int) -> float | None:
-        """The carrier term's weight at ``step`` if the scheduler knows it before the losses (and the step needs
-        no gradient probe, which differentiates the term and the CE separately), else None. With it the fused CE
-        gradient is combined with the term's before the LM head."""
-        if not torch.is_grad_enabled() or self.scheduler.needs_gradients(step):
-            return None
-        advance = self.scheduler.weights_in_advance(step)
-        weight = None if advance is None else advance.get(label)
-        if isinstance(weight, Tensor):
-            weight = None if weight.requires_grad or weight.numel() != 1 else float(weight)
-        if weight is None or not math.isfinite(weight) or weight <= 0:
-            return None
-        return float(weight)
+    def _check_plan(self, plan: StepPlan, batch: BatchContext, task_loss) -> bool:
+        """Refuse a plan made for other terms or another step; True when the carrier computes the task loss."""
+        if isinstance(task_loss, str):
+            raise TypeError(f"task_loss={task_loss!r}: pass the host's task loss tensor or None; the fused task loss "
+                            "is planned (StudentMode.FUSED_CE in Distiller.plan(...)), not requested by a string")
+        if set(plan.terms) != set(self.terms):
+            raise ValueError(f"the step plan covers terms {sorted(plan.terms)} but this Distiller has "
+                             f"{sorted(self.terms)}; build the plan with this Distiller's plan()")
+        if plan.step != batch.step:
+            raise ValueError(f"the step plan was made for step {plan.step}, the batch is at step {batch.step}")
+        fused = plan.student_mode is StudentMode.FUSED_CE
+        if fused and (plan.carrier not in self.terms or not self.terms[plan.carrier].carries_task_loss):
+            raise ValueError(f"the step plan's task-loss carrier {plan.carrier!r} is not a term that carries the "
+                             "task loss (carries_task_loss = True)")
+        if fused and task_loss is not None:
+            raise ValueError("the step plan computes the task loss in the carrier term (StudentMode.FUSED_CE); pass "
+                             "task_loss=None")
+        return fused
 
     def _check_promised_weight(self, label: str, promised: float, got: float | Tensor, step: int) -> None:
         value = float(got.detach()) if isinstance(got, Tensor) else float(got)
@@ -285,32 +291,133 @@ class Distiller(nn.Module):
         CPU: safe to write with safetensors."""
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
 
-    def load_kd_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Restore what :meth:`kd_state_dict` produced; mismatched keys are an error that lists them."""
-        result = self.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
+    def check_kd_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Raise :class:`~kd_plugins.ConfigError` unless ``state`` fits this Distiller exactly: the same keys, each
+        with the same shape (the message lists missing and unexpected keys and every shape that differs). Changes
+        nothing."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = [f"{key}: {tuple(state[key].shape)} in the file, {tuple(own[key].shape)} in this run"
+                  for key in sorted(set(own) & set(state)) if tuple(state[key].shape) != tuple(own[key].shape)]
+        if missing or unexpected or shapes:
+            parts = []
+            if missing or unexpected:
+                parts.append(f"missing {missing}, unexpected {unexpected}")
+            if shapes:
+                parts.append("shapes differ: " + "; ".join(shapes))
             raise ConfigError(
-                "KD state does not match this configuration: missing "
-                f"{result.missing_keys}, unexpected {result.unexpected_keys}. Was it saved with another KD config?"
+                f"KD state does not match this configuration: {'; '.join(parts)}. Was it saved with another KD config "
+                "(a changed term, proj_dim, layer map or model)? Resume with the configuration it was saved with, or "
+                "set allow_config_change_on_resume: true to restore only what still fits"
             )
+
+    def load_kd_state_dict(self, state: Mapping[str, Tensor], *, partial: bool = False) -> list[str]:
+        """Restore what :meth:`kd_state_dict` produced.
+
+        Args:
+            state: ``{name: tensor}``.
+            partial: restore only the tensors whose name and shape match this Distiller and leave the rest as they
+                are; otherwise (default) a state that does not fit exactly is refused (:meth:`check_kd_state_dict`)
+                and nothing is loaded.
+
+        Returns:
+            The names of this Distiller's tensors that were *not* restored (empty unless ``partial``).
+        """
+        if not partial:
+            self.check_kd_state_dict(state)
+            self.load_state_dict(dict(state), strict=True)
+            return []
+        own = self.state_dict()
+        fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+        self.load_state_dict(fitting, strict=False)
+        return sorted(set(own) - set(fitting))
+
+    def resolved_config(self) -> dict[str, Any]:
+        """The configuration this Distiller was built from, with every builder default filled in, plus the shape
+        facts of both models: what a checkpoint's KD state depends on (stored in ``kd_state.safetensors`` and compared
+        on resume). JSON-compatible. ``teacher_cache`` and ``allow_config_change_on_resume`` are left out: they do not
+        change what is trained."""
+        config = self.config
+        terms = []
+        for term in config.terms:
+            builder = get_component(family_of(term.name, self._pm), term.name, self._pm).builder
+            options = {**_builder_defaults(builder, ("student", "teacher")), **term.options}
+            terms.append({"label": term.label, "name": term.name, "weight": term.weight, "options": options})
+        scheduler_builder = get_component("scheduler", config.scheduler.name, self._pm).builder
+        scheduler = {"name": config.scheduler.name,
+                     "options": {**_builder_defaults(scheduler_builder, ("base_weights",)), **config.scheduler.options}}
+        out: dict[str, Any] = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                               if f.name not in ("terms", "scheduler", "teacher_cache", "allow_config_change_on_resume")}
+        out.update(terms=terms, scheduler=scheduler,
+                   student=_shape_facts(self.student_info), teacher=_shape_facts(self.teacher_info))
+        return json.loads(json.dumps(out, default=repr, sort_keys=True))
 
 
 def _call_builder(builder, what: str, fixed: dict[str, Any], options: dict[str, Any]):
-    try:
-        signature = inspect.signature(builder)
-    except (TypeError, ValueError):
-        signature = None
-    if signature is not None and not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        accepted = [n for n in signature.parameters if n not in fixed]
+    accepted = _accepted_options(builder, tuple(fixed))
+    if accepted is not None:
         unknown = sorted(set(options) - set(accepted))
         if unknown:
-            raise ConfigError(f"{what}: unknown option(s) {unknown}; accepted options: {accepted}")
+            raise ConfigError(_unknown_options_message(what, unknown, accepted))
     try:
         return builder(**fixed, **options)
     except (ValueError, TypeError) as exc:
         if isinstance(exc, ConfigError) or type(exc).__module__.startswith("kd_plugins"):
             raise
+        unexpected = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+        if unexpected and unexpected.group(1) in options:
+            raise ConfigError(f"{what}: unknown option {unexpected.group(1)!r} ({exc})") from exc
         raise ConfigError(f"{what}: {exc}") from exc
+
+
+def _unknown_options_message(what: str, unknown: list[str], accepted: list[str]) -> str:
+    hints = [f"{key!r} -> did you mean {close[0]!r}?" for key in unknown
+             if (close := difflib.get_close_matches(key, accepted, n=1, cutoff=0.6))]
+    return (f"{what}: unknown option(s) {unknown}{' (' + '; '.join(hints) + ')' if hints else ''}; "
+            f"accepted options: {accepted}")
+
+
+def _option_parameters(builder, fixed: tuple[str, ...]) -> list[inspect.Parameter] | None:
+    """The builder's options as parameters: its keyword parameters other than ``fixed``; for a builder that forwards
+    ``**options`` to the class its return annotation names, that class's ``__init__`` parameters. None when the
+    accepted options cannot be known (a ``**kwargs`` all the way down)."""
+    try:
+        signature = inspect.signature(builder, eval_str=True)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: fall back to the plain signature
+        try:
+            signature = inspect.signature(builder)
+        except (TypeError, ValueError):
+            return None
+    params = [p for p in signature.parameters.values() if p.name not in fixed]
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        return [p for p in params if p.kind is not p.VAR_POSITIONAL]
+    target = signature.return_annotation
+    if not inspect.isclass(target):
+        return None
+    try:
+        init = inspect.signature(target.__init__)
+    except (TypeError, ValueError):
+        return None
+    extra = [p for p in init.parameters.values() if p.name != "self" and p.kind is not p.VAR_POSITIONAL]
+    if any(p.kind is p.VAR_KEYWORD for p in extra):
+        return None
+    named = [p for p in params if p.kind is not p.VAR_KEYWORD and p.kind is not p.VAR_POSITIONAL]
+    return named + [p for p in extra if p.name not in {q.name for q in named}]
+
+
+def _accepted_options(builder, fixed: tuple[str, ...]) -> list[str] | None:
+    params = _option_parameters(builder, fixed)
+    return None if params is None else [p.name for p in params]
+
+
+def _builder_defaults(builder, fixed: tuple[str, ...]) -> dict[str, Any]:
+    params = _option_parameters(builder, fixed) or []
+    return {p.name: p.default for p in params if p.default is not p.empty}
+
+
+def _shape_facts(info: ModelInfo) -> dict[str, int]:
+    return {f.name: getattr(info, f.name) for f in dataclasses.fields(info) if f.name != "name"}
 
 
 def _device_of(losses: dict[str, Tensor], task_loss: Tensor | None, batch: BatchContext) -> torch.device:

@@ -41,6 +41,12 @@ def register_logit_terms(register):
         states and LM heads from the captures.
     :return: ignored.
 
+    The term's declared traits are how a host plans a step with it (:func:`kd_plugins.plan_step`; nothing else is
+    read): ``normalizer`` (:class:`kd_plugins.Normalizer`, default ``BATCH``; a logit term that divides a token sum
+    by ``batch.num_items_in_batch`` declares ``ITEMS``) and ``carries_task_loss`` (default False; True with
+    ``forward_with_task_loss(student, teacher, batch, *, task_grad_ratio=None) -> (loss, ce)`` lets the host run
+    the student's backbone only and take the CE from the term).
+
     Called once per registry build (not firstresult). Registering a name another plugin already registered
     raises :class:`kd_plugins.DuplicateComponentError` naming both providers.
     """
@@ -54,6 +60,10 @@ def register_alignment_terms(register):
         Alignment terms declare the student/teacher layers they need through
         :meth:`kd_plugins.DistillationTerm.requirements`.
     :return: ignored.
+
+    Declared traits as for logit terms: a token mean declares ``normalizer = Normalizer.TOKENS`` and divides by
+    ``batch.num_tokens_in_batch`` (the valid tokens of the accumulation window, given only to ``TOKENS`` terms), so
+    it is exact under gradient accumulation; the default ``BATCH`` is a per-micro-batch mean.
     """
 
 
@@ -65,6 +75,11 @@ def register_schedulers(register):
         ``builder(base_weights={term: weight}, **options)`` and returns a
         :class:`kd_plugins.WeightScheduler`.
     :return: ignored.
+
+    Declared traits: ``reads_task_loss`` (default True; declare False when the weights never depend on the task
+    loss, so that ``ce_weight: 0`` runs the student's backbone only), ``weights_in_advance(step)`` (default None;
+    the step's weights when known before its losses, letting the host combine the fused CE gradient with the
+    carrier term's), ``needs_gradients(step)`` and ``regularizer(*, step)``.
     """
 
 

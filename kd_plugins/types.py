@@ -266,14 +266,18 @@ class TeacherSource(Protocol):
     """Where the teacher's tensors of a batch come from: a live model, a PEFT student's own base (adapters off), or
     an offline cache -- one contract, so a trainer has no per-source branches.
 
-    ``info`` is the teacher's :class:`ModelInfo`; ``capture(inputs, requirements)`` returns the
-    :class:`ModelCapture` of a causal-LM batch (the same keys the student gets: ``input_ids`` plus
-    ``attention_mask`` or padding-free ``position_ids``/``cu_seq_lens_*``), holding what ``requirements`` asks for,
-    computed without gradient.
+    * ``info``: the teacher's :class:`ModelInfo`;
+    * ``prepare(requirements)``: check, before training starts, that the source can serve ``requirements`` (and set up
+      whatever it needs, e.g. forward hooks); raises a :class:`~kd_plugins.KDError` naming the problem otherwise;
+    * ``capture(inputs, requirements)``: the :class:`ModelCapture` of a causal-LM batch (the same keys the student
+      gets: ``input_ids`` plus ``attention_mask`` or padding-free ``position_ids``/``cu_seq_lens_*``), holding what
+      ``requirements`` asks for, computed without gradient.
     """
 
     @property
     def info(self) -> ModelInfo: ...
+
+    def prepare(self, requirements: Requirements) -> None: ...
 
     def capture(self, inputs: Mapping[str, Any], requirements: Requirements) -> ModelCapture: ...
 
@@ -331,14 +335,14 @@ class WeightScheduler(nn.Module):
         """Optional scalars to log (e.g. gradient norms)."""
         return {}
 
-    def regularizer(self) -> Tensor | None:
-        """An extra loss the Distiller adds to ``transfer`` on the step whose ``weights`` were just returned.
+    def regularizer(self, *, step: int) -> Tensor | None:
+        """An extra loss the Distiller adds to ``transfer`` at ``step`` (after :meth:`weights` for that step).
 
-        Called right after :meth:`weights`. ``None`` (the default) adds nothing. A scheduler whose weights are
-        learned through the loss uses it to keep them from collapsing to zero (uncertainty weighting adds
-        ``sum_i s_i``, the log-variances). It is meant to count once per optimizer step: under gradient
-        accumulation the Distiller multiplies it by its ``regularizer_scale`` (``1 / accumulation steps`` when the
-        host's loss is not divided by the accumulation steps afterwards).
+        ``None`` (the default) adds nothing. A scheduler whose weights are learned through the loss uses it to keep
+        them from collapsing to zero (uncertainty weighting adds ``sum_i s_i``, the log-variances). Compute it from
+        the scheduler's parameters and ``step`` alone. It counts once per optimizer step: under gradient accumulation
+        the step plan scales it (``StepPlan.regularizer_scale``: ``1 / accumulation steps`` when the host does not
+        divide its loss by the accumulation steps afterwards).
         """
         return None
 

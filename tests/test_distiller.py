@@ -11,10 +11,12 @@ from kd_plugins import (
     ConfigError,
     DistillationTerm,
     Distiller,
+    HostFacts,
     KDConfig,
     ModelCapture,
     ModelInfo,
     Requirements,
+    StudentMode,
     UnknownComponentError,
     WeightScheduler,
     hookimpl,
@@ -260,16 +262,23 @@ def _logit_captures(seed=0):
 
 def test_fused_task_loss_with_weights_in_advance_equals_the_host_ce():
     """Constant weights are known before the forward: the fused CE's gradient is combined with the DKD term's
-    before the LM head, and the step's loss and gradients are those of the host CE."""
+    before the LM head, and the step's loss and gradients are those of the host CE -- also with a data-parallel world
+    factor, which scales the term and the CE alike."""
     from kd_plugins.functional import linear_ce_reference
 
     config = KDConfig(ce_weight=0.8, terms=[{"name": "dkd", "weight": 0.5}])
     distiller = Distiller(config, student=STUDENT, teacher=TEACHER)
     student, teacher, batch, params = _logit_captures()
-    fused = distiller(student, teacher, batch, task_loss="fused", task_loss_scale=1.5)
+    facts = dict(loss_scaled_for_ga=True, items_world_factor=1.5)
+    plan = distiller.plan(HostFacts(fusable_task_loss=True, **facts), step=batch.step)
+    assert plan.student_mode is StudentMode.FUSED_CE and plan.carrier == "dkd"
+    assert plan.ce_grad_ratio == pytest.approx(0.8 * 1.5 / (0.5 * 1.5))
+    fused = distiller(student, teacher, batch, plan=plan)
     got = torch.autograd.grad(fused.loss, params)
     host_ce = 1.5 * linear_ce_reference(student.final_hidden, student.lm_head_weight, batch.labels)
-    host = distiller(student, teacher, batch, task_loss=host_ce)
+    host_plan = distiller.plan(HostFacts(**facts), step=batch.step)
+    assert host_plan.student_mode is StudentMode.HOST
+    host = distiller(student, teacher, batch, plan=host_plan, task_loss=host_ce)
     torch.testing.assert_close(fused.loss, host.loss)
     for x, y in zip(got, torch.autograd.grad(host.loss, params)):
         torch.testing.assert_close(x, y)
@@ -280,5 +289,22 @@ def test_a_scheduler_that_announces_a_wrong_weight_is_refused(monkeypatch):
     distiller = Distiller(config, student=STUDENT, teacher=TEACHER)
     monkeypatch.setattr(distiller.scheduler, "weights_in_advance", lambda step: {"dkd": 0.7})
     student, teacher, batch, _ = _logit_captures()
+    plan = distiller.plan(HostFacts(fusable_task_loss=True), step=batch.step)
     with pytest.raises(RuntimeError, match=r"announced weight 0\.7 for term 'dkd' at step 3"):
+        distiller(student, teacher, batch, plan=plan)
+
+
+def test_plans_for_other_terms_or_steps_and_string_task_losses_are_refused():
+    config = KDConfig(ce_weight=1.0, terms=[{"name": "dkd", "weight": 0.5}])
+    distiller = Distiller(config, student=STUDENT, teacher=TEACHER)
+    other = Distiller(KDConfig(terms=[{"name": "forward_kl"}]), student=STUDENT, teacher=TEACHER)
+    student, teacher, batch, _ = _logit_captures()
+    with pytest.raises(ValueError, match=r"covers terms \['forward_kl'\] but this Distiller has \['dkd'\]"):
+        distiller(student, teacher, batch, plan=other.plan(HostFacts(), step=batch.step))
+    with pytest.raises(ValueError, match="made for step 4, the batch is at step 3"):
+        distiller(student, teacher, batch, plan=distiller.plan(HostFacts(), step=4))
+    with pytest.raises(TypeError, match="fused task loss is planned"):
         distiller(student, teacher, batch, task_loss="fused")
+    fused = distiller.plan(HostFacts(fusable_task_loss=True), step=batch.step)
+    with pytest.raises(ValueError, match="pass task_loss=None"):
+        distiller(student, teacher, batch, plan=fused, task_loss=torch.tensor(1.0))

@@ -7,7 +7,6 @@ in a YAML KD config to train a tiny random Llama.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -56,9 +55,6 @@ def example_on_path(installed_example, monkeypatch):
     monkeypatch.syspath_prepend(str(installed_example))
     monkeypatch.delenv(registry.DISABLE_AUTOLOAD_ENV, raising=False)
     monkeypatch.setenv(registry.ALLOW_LIST_ENV, PROVIDER)  # other entry points of this venv stay out
-    # Built-in modules still being written by others must not break this test.
-    present = tuple(m for m in registry.DEFAULT_PLUGINS if importlib.util.find_spec(m) is not None)
-    monkeypatch.setattr(registry, "DEFAULT_PLUGINS", present)
     sys.modules.pop("kd_example_plugin", None)
     kd_plugins.reset_plugin_manager()
     yield installed_example
@@ -82,8 +78,6 @@ def test_autoload_switch_hides_the_example(example_on_path, monkeypatch):
 
 
 def test_cli_list_shows_the_example(installed_example):
-    if importlib.util.find_spec("kd_plugins.cli") is None:
-        pytest.skip("kd_plugins/cli.py (the `kd-plugins` command) has not landed yet")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed_example), os.environ.get("PYTHONPATH", "")])}
     env.pop(registry.DISABLE_AUTOLOAD_ENV, None)
     env[registry.ALLOW_LIST_ENV] = PROVIDER
@@ -172,10 +166,7 @@ def _texts(n: int = 8) -> list[str]:
 
 def test_trains_a_tiny_llama_through_kdsft_trainer(example_on_path, tmp_path):
     pytest.importorskip("trl", reason="KDSFTTrainer needs trl")
-    try:
-        from kd_plugins.integrations.trl import KDSFTTrainer
-    except ImportError as exc:
-        pytest.skip(f"kd_plugins.integrations.trl is not importable yet: {exc}")
+    from kd_plugins.integrations.trl import KDSFTTrainer
     from datasets import Dataset
     from trl import SFTConfig
 
@@ -207,12 +198,12 @@ def test_trains_a_tiny_llama_through_kdsft_trainer(example_on_path, tmp_path):
     assert weights[0] == 0.5 and weights[-1] == 0.25
     changed = any(not torch.equal(p, before[n]) for n, p in trainer.distiller.named_parameters())
     assert changed, "the hidden_l1 projector was never optimised"
-    if importlib.util.find_spec("matplotlib") is not None:  # the real log keys feed `kd-plugins report`
-        from kd_plugins.report import write_report
+    pytest.importorskip("matplotlib", reason="`kd-plugins report` plots need matplotlib (the eval extra)")
+    from kd_plugins.report import write_report  # the real log keys feed `kd-plugins report`
 
-        trainer.save_state()
-        written = write_report(tmp_path / "run")
-        assert {p.name for p in written} == {"kd_losses.png", "kd_weights.png", "kd_weighted.png"}
+    trainer.save_state()
+    written = write_report(tmp_path / "run")
+    assert {p.name for p in written} == {"kd_losses.png", "kd_weights.png", "kd_weighted.png"}
 
 
 def test_trains_a_tiny_llama_through_the_core_distiller(example_on_path):
@@ -266,3 +257,114 @@ class _capture:
     def done(self):
         for handle in self.handles:
             handle.remove()
+
+
+# --- declared traits: the host plans the example's components like built-ins ----------------------------------
+
+
+def _sgd_step(tmp_path, texts, *, terms, batch, ga, ce_weight, scheduler, fuse=True):
+    """One SGD step (lr 1, no clipping), samples in order; returns (parameter change, first log, LM-head-sized
+    matmuls run by the step)."""
+    pytest.importorskip("trl", reason="KDSFTTrainer needs trl")
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+
+    from kd_plugins.integrations.trl import KDSFTTrainer
+    from tests.integrations._counting import VocabMatmuls
+    from tests.integrations.conftest import kd_config, sft_args, tiny_model, tiny_tokenizer
+
+    class InOrder(KDSFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+    torch.manual_seed(0)
+    student = tiny_model("llama", seed=0, vocab=VOCAB)
+    trainer = InOrder(
+        model=student,
+        args=sft_args(tmp_path, max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
+                      optim="sgd", learning_rate=1.0, max_grad_norm=0.0, weight_decay=0.0, logging_steps=1),
+        train_dataset=Dataset.from_dict({"text": texts}), processing_class=tiny_tokenizer(VOCAB),
+        teacher=tiny_model("llama", seed=1, hidden=48, layers=3, vocab=VOCAB),
+        kd_config=kd_config(terms, ce_weight=ce_weight, scheduler=scheduler, fuse_task_loss=fuse),
+    )
+    torch.manual_seed(1)  # identical projectors in every run
+    for p in trainer.distiller.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    before = {n: p.detach().clone() for n, p in [*trainer.model.named_parameters(),
+                                                   *(("kd." + k, v) for k, v in trainer.distiller.named_parameters())]}
+    with VocabMatmuls(VOCAB) as matmuls:
+        trainer.train()
+    after = dict([*trainer.model.named_parameters(), *(("kd." + k, v) for k, v in trainer.distiller.named_parameters())])
+    log = next(e for e in trainer.state.log_history if "loss" in e)
+    return {k: before[k] - after[k].detach() for k in before}, log, matmuls.total
+
+
+VOCAB = 131  # no other dimension of the tiny models or batches is 131: every matmul with it is an LM-head one
+
+
+def _unequal_texts():
+    from tests.integrations.conftest import tiny_texts
+
+    texts = tiny_texts(8, seed=3, min_len=3, max_len=14)
+    pairs = [len(texts[i].split()) + len(texts[i + 1].split()) for i in range(0, 8, 2)]
+    assert len(set(pairs)) > 1, pairs  # the micro-batches hold different numbers of tokens
+    return texts
+
+
+def _close(a, b) -> bool:
+    return all(torch.allclose(a[k], b[k], rtol=2e-4, atol=2e-6) for k in b)
+
+
+def test_hidden_l1_is_exact_under_gradient_accumulation(example_on_path, tmp_path, monkeypatch):
+    """hidden_l1 declares normalizer = TOKENS: GA 4 x 2 gives the same step as GA 1 x 8 although the micro-batches
+    hold different numbers of tokens. Negative control: declared as a per-micro-batch mean (the default), it
+    does not."""
+    terms = [{"name": "hidden_l1", "weight": 0.5, "layers": "last"}]
+    texts = _unequal_texts()
+    common = dict(terms=terms, ce_weight=0.0, scheduler="constant")
+    full, full_log, _ = _sgd_step(tmp_path / "full", texts, batch=8, ga=1, **common)
+    acc, acc_log, _ = _sgd_step(tmp_path / "acc", texts, batch=2, ga=4, **common)
+    assert sum(bool(v.abs().max() > 0) for v in full.values()) > len(full) // 2  # the step moved most parameters
+    for name in full:
+        torch.testing.assert_close(acc[name], full[name], rtol=2e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")
+    assert acc_log["kd/loss/hidden_l1"] == pytest.approx(full_log["kd/loss/hidden_l1"], rel=1e-4)
+
+    from kd_plugins import Normalizer
+    from kd_plugins.plugins import get_component
+
+    term_class = type(get_component("alignment", "hidden_l1").builder(
+        student=_info(32, 2), teacher=_info(48, 3), layers="last"))
+    monkeypatch.setattr(term_class, "normalizer", Normalizer.BATCH)
+    wrong, _, _ = _sgd_step(tmp_path / "wrong", texts, batch=2, ga=4, **common)
+    assert not _close(wrong, full)
+
+
+def test_step_decay_with_ce_weight_zero_runs_the_backbone_only(example_on_path, tmp_path, monkeypatch):
+    """step_decay declares reads_task_loss = False: with ce_weight 0 the student's LM head runs no matmul at all (no
+    task loss is computed), and the step equals the host path's. Negative control: a scheduler that does not
+    declare it keeps the host's loss, whose LM head runs forward and backward on every micro-batch."""
+    terms = [{"name": "hidden_l1", "weight": 0.5, "layers": "last"}]
+    scheduler = {"name": "step_decay", "step_size": 1, "gamma": 0.5}
+    texts = _unequal_texts()
+    common = dict(terms=terms, ce_weight=0.0, scheduler=scheduler, batch=4, ga=2)
+    fused, fused_log, fused_calls = _sgd_step(tmp_path / "fused", texts, **common)
+    host, host_log, host_calls = _sgd_step(tmp_path / "host", texts, fuse=False, **common)
+    # the host path (TRL's chunked head) projects and differentiates the full head on every micro-batch
+    assert fused_calls == 0 and host_calls >= 2 * 3
+    for name in host:
+        torch.testing.assert_close(fused[name], host[name], rtol=2e-4, atol=2e-6, msg=lambda m: f"{name}: {m}")
+    assert fused_log["kd/transfer"] == pytest.approx(host_log["kd/transfer"], rel=1e-4)
+
+    from kd_plugins.plugins import get_component
+
+    scheduler_class = get_component("scheduler", "step_decay").builder
+    monkeypatch.setattr(scheduler_class, "reads_task_loss", True)
+    _, _, undeclared_calls = _sgd_step(tmp_path / "undeclared", texts, **common)
+    assert undeclared_calls == host_calls
+
+
+def _info(hidden, layers):
+    from kd_plugins import ModelInfo
+
+    return ModelInfo(hidden_size=hidden, num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4,
+                     vocab_size=128)

@@ -280,3 +280,73 @@ def test_attention_relation_heads_must_divide_widths():
     attention_relation(_qkv((12, 6, 6), seed=1), _qkv((12, 12, 12), seed=2), relation_heads=4, relations=("q",))
     with pytest.raises(ValueError, match="relations"):
         attention_relation(_qkv((4, 4, 4), 1), _qkv((4, 4, 4), 2), relation_heads=1, relations=("x",))
+
+
+# --- boundaries, normalisers and messages (each test kills surviving mutants of benchmarks/mutation.py) --------
+
+
+@pytest.mark.parametrize("fn, per_token", [
+    (hidden_mse, lambda a, b: ((a - b) ** 2).sum() / a.numel()),
+    (hidden_cosine, lambda a, b: 1 - torch.dot(a, b) / (a.norm() * b.norm())),
+])
+def test_regression_losses_divide_by_num_tokens_in_batch(fn, per_token):
+    s, t, mask = _feats(B, T, 10, seed=1), _feats(B, T, 10, seed=2), _mask(4)
+    total = naive_token_mean(s, t, mask, per_token) * int(mask.sum())
+    torch.testing.assert_close(fn(s, t, mask, num_tokens_in_batch=23), total / 23)
+    torch.testing.assert_close(fn(s, t, mask, num_tokens_in_batch=torch.tensor(23)), total / 23)
+
+
+def test_attention_relation_divides_by_num_tokens_in_batch():
+    student, teacher = _qkv((4, 4, 4), seed=0), _qkv((6, 6, 6), seed=10)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    ids[1, 3:] = -1
+    mean = attention_relation(student, teacher, relation_heads=2, sequence_ids=ids)
+    rows = int((ids >= 0).sum())
+    torch.testing.assert_close(attention_relation(student, teacher, relation_heads=2, sequence_ids=ids,
+                                                  num_tokens_in_batch=30), mean * rows / 30)
+
+
+def test_contrastive_with_exactly_two_tokens_and_the_smallest_sample():
+    s, t = _feats(B, T, 6, seed=1), _feats(B, T, 6, seed=2)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, 1] = mask[1, 3] = True  # one positive and one negative per row
+    got = contrastive(s, t, mask, temperature=0.5)
+    assert got.item() > 0
+    torch.testing.assert_close(got, naive_contrastive(s, t, mask, 0.5), rtol=1e-5, atol=1e-6)
+    full = torch.ones(B, T, dtype=torch.bool)
+    sampled = contrastive(s, t, full, max_tokens=2, generator=torch.Generator().manual_seed(5))
+    rows = torch.randperm(B * T, generator=torch.Generator().manual_seed(5))[:2]
+    torch.testing.assert_close(sampled, naive_infonce(list(s[full][rows]), list(t[full][rows]), 0.07),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_contrastive_single_token_with_a_learned_temperature_is_zero_with_zero_gradient():
+    s, t = _feats(B, T, 6, seed=1, grad=True), _feats(B, T, 6, seed=2)
+    tau = torch.tensor(0.2, requires_grad=True)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, 2] = True
+    loss = contrastive(s, t, mask, temperature=tau)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert tau.grad is not None and tau.grad.item() == 0.0 and torch.all(s.grad == 0)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: contrastive(_feats(B, T, 6), _feats(B, T, 6), _mask(), temperature=0.0),
+     "contrastive: temperature must be > 0, got 0.0"),
+    (lambda: contrastive(_feats(B, T, 6), _feats(B, T, 6), _mask(), max_tokens=1),
+     "contrastive: max_tokens must be >= 2 (a positive and a negative), got 1"),
+    (lambda: attention_relation(_qkv((4, 4, 4), seed=0)[:2], _qkv((4, 4, 4), seed=3), relation_heads=1),
+     "attention_relation: student_qkv and teacher_qkv must be (q, k, v) tuples"),
+    (lambda: attention_relation(_qkv((4, 4, 4), seed=0), _qkv((4, 4, 4), seed=3), relation_heads=0),
+     "attention_relation: relation_heads must be a positive int, got 0"),
+    (lambda: attention_relation(_qkv((4, 4, 4), seed=0), _qkv((4, 4, 4), seed=3, seq=T + 1), relation_heads=1),
+     f"attention_relation: teacher q has shape {(B, T + 1, 4)}; expected (B, T, width) with (B, T) = {(B, T)}"),
+    (lambda: attention_relation(_qkv((4, 4, 4), seed=0), _qkv((4, 4, 4), seed=3), relation_heads=1,
+                                sequence_ids=torch.zeros(B, T + 1, dtype=torch.long)),
+     f"attention_relation: sequence_ids has shape {(B, T + 1)}, expected {(B, T)}"),
+])
+def test_alignment_input_errors_in_full(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert str(info.value) == message

@@ -89,12 +89,10 @@ def test_fp32_matches_the_float64_reference():
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("ratio", [1.7, 0.0])
 def test_combined_gradient_equals_the_weighted_sum_of_both(loss, softcap, sparse, ratio, monkeypatch):
-    import kd_plugins.functional.fused as fused_module
-    import kd_plugins.functional.sparse as sparse_module
+    from kd_plugins.functional import chunked
 
     # several row blocks per chunk, so the CE buffer is reused across blocks
-    monkeypatch.setattr(fused_module, "_BLOCK_ELEMENTS", 2 * V)
-    monkeypatch.setattr(sparse_module, "_BLOCK_ELEMENTS", 2 * V)
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 2 * V)
     hs, weight, bias, ht, wt, labels, top = _inputs(3)
     kw = dict(loss=loss, student_bias=bias, student_logit_scale=0.7, student_softcap=softcap, temperature=2.0,
               num_items_in_batch=9, chunk_size=5)

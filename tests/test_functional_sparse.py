@@ -48,56 +48,151 @@ def _params(inputs):
     return [inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"]]
 
 
+# --- an independent float64 reference, written from the bucket formulas of the sparse module's docstring ----------
+# Scalar float64 autograd, token by token and bucket by bucket; it shares no code with kd_plugins (the documented
+# constants are written out: the 1e-6 tail floor, the default loss options).
+
+DOCUMENTED_TAIL_FLOOR = 1e-6
+DOCUMENTED_DEFAULTS = {"forward_kl": {}, "reverse_kl": {}, "generalized_jsd": {"beta": 0.5},
+                       "dkd": {"alpha": 1.0, "beta": 2.0}}
+
+
 def _kl(p, q):
-    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q) if a > 0)
+    """KL between two lists of masses (python floats or 0-dim tensors); 0 * log 0 = 0."""
+    return sum(a * (torch.log(torch.as_tensor(a)) - torch.log(torch.as_tensor(b))) for a, b in zip(p, q)
+               if float(torch.as_tensor(a).detach()) > 0)
 
 
-def naive_sparse(loss, inputs, temperature=1.0, **kw):
-    """Per-token float64 loops over the bucket definitions in the sparse module's docstring."""
-    with torch.no_grad():
-        logits = torch.nn.functional.linear(inputs["student_hidden"], inputs["student_weight"],
-                                            inputs["student_bias"]).double()
-    vocab, k = logits.shape[-1], inputs["topk_indices"].shape[-1]
-    total, count = 0.0, 0
-    for z, lp, idx, t in zip(logits.reshape(-1, vocab), inputs["topk_logprobs"].double().reshape(-1, k),
-                             inputs["topk_indices"].reshape(-1, k), inputs["labels"].reshape(-1)):
-        t = int(t)
+def _bucket_divergence(loss, q, p, target_bucket, options):
+    """The dense loss between teacher buckets ``q`` and student buckets ``p`` (lists of 0-dim float64 tensors)."""
+    if loss == "forward_kl":
+        return _kl(q, p)
+    if loss == "reverse_kl":
+        return _kl(p, q)
+    if loss == "generalized_jsd":
+        beta = options["beta"]
+        if beta == 0.0:  # the documented endpoints: forward and reverse KL
+            return _kl(q, p)
+        if beta == 1.0:
+            return _kl(p, q)
+        m = [beta * a + (1 - beta) * b for a, b in zip(q, p)]
+        return beta * _kl(q, m) + (1 - beta) * _kl(p, m)
+    qt, pt = q[target_bucket], p[target_bucket]
+    tckd = _kl([qt, 1 - qt], [pt, 1 - pt])
+    q_rest = [x / (1 - qt) for j, x in enumerate(q) if j != target_bucket]
+    p_rest = [x / (1 - pt) for j, x in enumerate(p) if j != target_bucket]
+    return options["alpha"] * tckd + options["beta"] * _kl(q_rest, p_rest)
+
+
+def sparse_reference_float64(loss, inputs, *, loss_kwargs=None, temperature=1.0, student_logit_scale=1.0,
+                             student_softcap=None, num_items_in_batch=None):
+    """The sparse loss of ``inputs`` (as :func:`make_sparse_inputs` builds them) and its gradients with respect
+    to the student's hidden states, LM head weight and bias, all in float64.
+
+    Student: logits ``z = softcap(scale * (h @ W.T + b)) / T`` (``softcap(x) = c tanh(x / c)``), probabilities
+    ``softmax(z)`` over the whole vocabulary, summed into the buckets. Teacher: ``q_j = exp(l_j)`` for the top-k,
+    tail ``tau = max(1 - sum q_j, 1e-6)``; for DKD with the target outside the top-k, ``q_t = min(min_j q_j, tau)``
+    split out of the tail. The teacher's bucket log-masses are divided by ``T`` and renormalised over the buckets
+    (at ``T = 1`` this changes nothing unless rounding put the stored top-k mass above 1: the implementation's
+    bucket losses are between normalised distributions).
+    Every token's loss is multiplied by ``T**2``; the sum is divided by the valid-token count or by
+    ``num_items_in_batch``."""
+    options = {**DOCUMENTED_DEFAULTS[loss], **(loss_kwargs or {})}
+    params = [inputs[name].detach().double().requires_grad_(True)
+              for name in ("student_hidden", "student_weight", "student_bias")]
+    hidden, weight, bias = params
+    vocab, k = weight.shape[0], inputs["topk_indices"].shape[-1]
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for h, lp, idx, t in zip(hidden.reshape(-1, hidden.shape[-1]), inputs["topk_logprobs"].double().reshape(-1, k),
+                             inputs["topk_indices"].reshape(-1, k).tolist(), inputs["labels"].reshape(-1).tolist()):
         if t == -100:
             continue
         count += 1
-        p = torch.softmax(z / temperature, -1).tolist()
-        top = idx.tolist()
-        q_top = lp.exp().tolist()
-        tail = max(1.0 - sum(q_top), TAIL_FLOOR)
-        rest = [j for j in range(vocab) if j not in top]
-        if loss == "dkd" and t not in top:
-            q_t = min(min(q_top), tail)
-            tq = [*q_top, q_t, tail - q_t]
-            sp = [*(p[j] for j in top), p[t], sum(p[j] for j in rest if j != t)]
-            target_col = k
+        z = (weight @ h + bias) * student_logit_scale
+        if student_softcap is not None:
+            z = student_softcap * torch.tanh(z / student_softcap)
+        z = z / temperature
+        e = torch.exp(z - z.max())
+        p = [e[j] / e.sum() for j in range(vocab)]
+        q_top = [math.exp(x) for x in lp.tolist()]
+        tau = max(1.0 - sum(q_top), DOCUMENTED_TAIL_FLOOR)
+        rest = [j for j in range(vocab) if j not in idx]
+        target_bucket = idx.index(t) if t in idx else None
+        if loss == "dkd" and t not in idx:  # the target gets its own bucket, split out of the tail
+            q_t = min(min(q_top), tau)
+            teacher = [*q_top, q_t, tau - q_t]
+            student = [*(p[j] for j in idx), p[t], sum((p[j] for j in rest if j != t), torch.zeros(()))]
+            target_bucket = k
         else:
-            tq = [*q_top] + ([tail] if rest else [])
-            sp = [*(p[j] for j in top)] + ([sum(p[j] for j in rest)] if rest else [])
-            target_col = top.index(t) if t in top else None
-        # temperature on the teacher buckets: log-probs / T, renormalised
-        w = [math.exp(math.log(x) / temperature) if x > 0 else 0.0 for x in tq]
-        tq = [x / sum(w) for x in w]
-        if loss == "forward_kl":
-            value = _kl(tq, sp)
-        elif loss == "reverse_kl":
-            value = _kl(sp, tq)
-        elif loss == "generalized_jsd":
-            b = kw["beta"]
-            m = [b * a + (1 - b) * c for a, c in zip(tq, sp)]
-            value = b * _kl(tq, m) + (1 - b) * _kl(sp, m)
-        else:
-            qt, pt = tq[target_col], sp[target_col]
-            tckd = _kl([qt, 1 - qt], [pt, 1 - pt])
-            qh = [x / (1 - qt) for j, x in enumerate(tq) if j != target_col]
-            ph = [x / (1 - pt) for j, x in enumerate(sp) if j != target_col]
-            value = kw["alpha"] * tckd + kw["beta"] * _kl(qh, ph)
-        total += value * temperature**2
-    return total / max(count, 1)
+            teacher = q_top + ([tau] if rest else [])
+            student = [p[j] for j in idx] + ([sum(p[j] for j in rest)] if rest else [])
+        # log-mass / T, renormalised over the buckets (at T = 1 a no-op unless the stored mass exceeds 1)
+        powered = [x ** (1.0 / temperature) for x in teacher]
+        teacher = [x / sum(powered) for x in powered]
+        total = total + _bucket_divergence(loss, teacher, student, target_bucket, options) * temperature**2
+    denominator = float(num_items_in_batch) if num_items_in_batch is not None else max(count, 1)
+    value = total / denominator
+    grads = torch.autograd.grad(value, params, allow_unused=True) if count else [torch.zeros_like(x) for x in params]
+    return value.detach(), [torch.zeros_like(x) if g is None else g for g, x in zip(grads, params)]
+
+
+def naive_sparse(loss, inputs, temperature=1.0, **kw):
+    """The value of :func:`sparse_reference_float64`."""
+    return sparse_reference_float64(loss, inputs, loss_kwargs=kw, temperature=temperature)[0].item()
+
+
+def _assert_matches_float64_reference(loss, inputs, *, chunk_size=4, **options):
+    """sparse_linear_kd (value and student gradients) against sparse_reference_float64."""
+    got = sparse_linear_kd(**inputs, loss=loss, chunk_size=chunk_size, **options)
+    got_grads = torch.autograd.grad(got, _params(inputs))
+    want, want_grads = sparse_reference_float64(loss, inputs, **options)
+    assert got.dtype == torch.float32 and torch.isfinite(got)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    for name, g, w in zip(("hidden", "weight", "bias"), got_grads, want_grads):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-6 * float(w.abs().max()) + 1e-9, msg=name)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
+def test_sparse_matches_the_float64_reference_values_and_gradients(loss, head, temperature):
+    _assert_matches_float64_reference(loss, make_sparse_inputs(), loss_kwargs=LOSSES[loss], temperature=temperature,
+                                      **HEADS[head])
+
+
+@pytest.mark.parametrize("loss, loss_kwargs", [
+    ("generalized_jsd", {}), ("generalized_jsd", {"beta": 0.0}), ("generalized_jsd", {"beta": 1.0}),
+    ("generalized_jsd", {"beta": 0.9}), ("dkd", {}), ("dkd", {"alpha": 0.0, "beta": 1.0}),
+    ("dkd", {"alpha": 2.0, "beta": 0.0}),
+], ids=["jsd_default", "jsd_beta0", "jsd_beta1", "jsd_beta0.9", "dkd_default", "dkd_nckd_only", "dkd_tckd_only"])
+def test_sparse_loss_options_and_defaults_match_the_float64_reference(loss, loss_kwargs):
+    _assert_matches_float64_reference(loss, make_sparse_inputs(seed=1), loss_kwargs=loss_kwargs, temperature=1.5,
+                                      **HEADS["softcap"])
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_sparse_num_items_in_batch_matches_the_float64_reference(loss):
+    _assert_matches_float64_reference(loss, make_sparse_inputs(seed=2), loss_kwargs=LOSSES[loss], temperature=2.0,
+                                      num_items_in_batch=40, **HEADS["scaled_bias"])
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("k", [16, 17], ids=["k=V-1", "k=V"])
+def test_sparse_small_or_empty_tail_matches_the_float64_reference(loss, k):
+    # k = V - 1: one tail token (DKD: split out whenever it is the target, leaving an empty tail); k = V: no tail
+    _assert_matches_float64_reference(loss, make_sparse_inputs(k=k, seed=3), loss_kwargs=LOSSES[loss],
+                                      temperature=1.3, **HEADS["softcap"])
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_sparse_tail_floor_when_the_stored_top_k_mass_exceeds_one(loss):
+    # stored log-probs rounded up: the top-k mass is above 1, so the implied tail is floored at 1e-6
+    inputs = make_sparse_inputs(k=12, seed=4)
+    lp = inputs["topk_logprobs"].double()
+    inputs["topk_logprobs"] = (lp - lp.logsumexp(-1, keepdim=True) + math.log1p(1e-3)).float()  # mass 1.001
+    assert bool((inputs["topk_logprobs"].double().exp().sum(-1) > 1).all())
+    _assert_matches_float64_reference(loss, inputs, loss_kwargs=LOSSES[loss], temperature=1.0)
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
@@ -125,9 +220,9 @@ def test_sparse_fused_matches_reference_values_and_grads(loss, head, chunk_size)
 
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_sparse_row_blocks(loss, monkeypatch):
-    import kd_plugins.functional.sparse as sparse_module
+    from kd_plugins.functional import chunked
 
-    monkeypatch.setattr(sparse_module, "_BLOCK_ELEMENTS", 2 * 17)
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 2 * 17)
     inputs = make_sparse_inputs()
     options = dict(loss=loss, loss_kwargs=LOSSES[loss], temperature=0.8, **HEADS["softcap"])
     fused = sparse_linear_kd(**inputs, chunk_size=5, **options)

@@ -14,7 +14,6 @@ each example reproducible. Runs are derandomised so CI sees the same examples ev
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -22,11 +21,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kd_plugins.functional import normalize_token_sum
-from kd_plugins.functional.alignment import attention_relation, contrastive, hidden_cosine, hidden_mse
-
-HAS_LOGIT = importlib.util.find_spec("kd_plugins.functional.logit") is not None
-HAS_FUSED = importlib.util.find_spec("kd_plugins.functional.fused") is not None
+from kd_plugins import functional
+from kd_plugins.functional import (
+    attention_relation,
+    contrastive,
+    fused_linear_kd,
+    hidden_cosine,
+    hidden_mse,
+    normalize_token_sum,
+)
 
 PROPERTY = settings(
     max_examples=35, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -74,9 +77,7 @@ def loss_and_options(draw):
 
 
 def _logit_fn(name):
-    from kd_plugins.functional import logit
-
-    return getattr(logit, name)
+    return getattr(functional, name)
 
 
 def _pad(x: torch.Tensor, extra: int, fill) -> torch.Tensor:
@@ -89,10 +90,6 @@ def _pad(x: torch.Tensor, extra: int, fill) -> torch.Tensor:
 
 # --- logit losses ---------------------------------------------------------------------------------------------
 
-needs_logit = pytest.mark.skipif(not HAS_LOGIT, reason="kd_plugins.functional.logit has not landed")
-
-
-@needs_logit
 @PROPERTY
 @given(case=logit_case(), loss=loss_and_options())
 def test_logit_losses_finite_nonnegative_and_zero_on_identity(case, loss):
@@ -108,7 +105,6 @@ def test_logit_losses_finite_nonnegative_and_zero_on_identity(case, loss):
     assert abs(float(same)) < 1e-4 * (1 + float(teacher.abs().max()))
 
 
-@needs_logit
 @PROPERTY
 @given(case=logit_case(), loss=loss_and_options(), extra=st.integers(1, 4))
 def test_logit_losses_ignore_padding(case, loss, extra):
@@ -125,7 +121,6 @@ def test_logit_losses_ignore_padding(case, loss, extra):
     assert torch.equal(expected, got) or torch.allclose(expected, got, rtol=1e-6, atol=1e-7)
 
 
-@needs_logit
 @PROPERTY
 @given(case=logit_case(min_valid=1), loss=loss_and_options(), n=st.integers(1, 64))
 def test_logit_losses_scale_as_one_over_num_items(case, loss, n):
@@ -141,7 +136,6 @@ def test_logit_losses_scale_as_one_over_num_items(case, loss, n):
     torch.testing.assert_close(by_tensor, by_n)
 
 
-@needs_logit
 @PROPERTY
 @given(loss=loss_and_options(), batch=st.integers(1, 3), seq=st.integers(1, 5), vocab=st.integers(2, 9),
        n=st.sampled_from([None, 0, 7]))
@@ -156,13 +150,10 @@ def test_logit_losses_all_masked_is_exact_zero_with_zero_grad(loss, batch, seq, 
     assert student.grad is not None and torch.count_nonzero(student.grad) == 0
 
 
-@pytest.mark.skipif(not HAS_FUSED, reason="kd_plugins.functional.fused has not landed")
 @PROPERTY
 @given(case=logit_case(), loss=loss_and_options(), hidden=st.integers(1, 8), chunk=st.integers(1, 7),
        n=st.sampled_from([None, 5]))
 def test_fused_linear_kd_properties(case, loss, hidden, chunk, n):
-    from kd_plugins.functional.fused import fused_linear_kd
-
     _, _, labels, temperature, seed = case
     name, options = loss
     vocab = int(case[0].shape[-1])

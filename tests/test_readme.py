@@ -4,10 +4,13 @@ through `kd-plugins sft`."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 pytest.importorskip("trl", reason="README snippets use TRL")
 
@@ -33,9 +36,19 @@ def test_python_snippets_run(tmp_path, monkeypatch):
     assert len(blocks) >= 4
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
-    trainer = namespace["trainer"]
-    assert any("kd/loss/forward_kl" in entry for entry in trainer.state.log_history)
-    assert namespace["out"].losses.keys() == {"dkd", "mse"}
+    trainer = namespace["trainer"]  # the enable_distillation snippet: forward_kl, constant weight 1
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2  # max_steps=8, logging_steps=4
+    for entry in logs:
+        assert math.isfinite(entry["kd/loss/forward_kl"]) and entry["kd/loss/forward_kl"] > 0
+        assert entry["kd/weight/forward_kl"] == 1.0
+        assert entry["kd/transfer"] == pytest.approx(entry["kd/loss/forward_kl"], rel=1e-5)
+    out = namespace["out"]  # the bare-Distiller snippet
+    assert out.losses.keys() == {"dkd", "mse"} and out.weights == {"dkd": 1.0, "mse": 1.0}
+    assert all(math.isfinite(v.item()) and v.item() > 0 for v in out.losses.values())
+    transfer = out.losses["dkd"] + out.losses["mse"]
+    torch.testing.assert_close(out.transfer.detach(), transfer, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.loss.detach(), namespace["ce"].detach() + transfer, rtol=1e-5, atol=1e-7)
 
 
 def test_sft_yaml_snippet_runs(tmp_path, monkeypatch):
@@ -55,6 +68,12 @@ def test_sft_yaml_snippet_runs(tmp_path, monkeypatch):
     Path("data").mkdir()
     Path("data/train.json").write_text("\n".join(json.dumps({"text": t}) for t in tiny_texts(16)))
     assert cli.main(["sft", "--config", "run.yaml"]) == 0
-    logs = sft_cli.last_trainer.state.log_history
-    assert any("kd/loss/attention_relation" in entry for entry in logs)
+    yaml_run = yaml.safe_load(yaml_blocks["run.yaml"])
+    logs = [entry for entry in sft_cli.last_trainer.state.log_history if "loss" in entry]
+    assert len(logs) == yaml_run["max_steps"] // yaml_run["logging_steps"]
+    kd_yaml = yaml.safe_load(yaml_blocks["kd.yaml"])
+    for entry in logs:
+        for term in kd_yaml["terms"]:
+            value = entry[f"kd/loss/{term['name']}"]
+            assert math.isfinite(value) and value > 0, (term, value)
     assert cli.main(["list"]) == 0

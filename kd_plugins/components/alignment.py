@@ -36,7 +36,7 @@ from kd_plugins.functional.alignment import (
 from kd_plugins.hookspecs import hookimpl
 from kd_plugins.layer_map import LayerMapSpec, resolve_layer_map
 from kd_plugins.projectors import build_projector
-from kd_plugins.types import BatchContext, DistillationTerm, ModelCapture, ModelInfo, Requirements
+from kd_plugins.types import BatchContext, DistillationTerm, ModelCapture, ModelInfo, Normalizer, Requirements
 
 __all__ = [
     "AttentionRelationLoss",
@@ -91,9 +91,9 @@ class ContrastiveAlignmentLoss(_PairedFeatureTerm):
 
     Per layer pair, a student projector ``Hs -> proj_dim`` and a teacher projector ``Ht -> proj_dim`` (both
     trainable, as in CRD) feed :func:`kd_plugins.functional.contrastive`; the loss is averaged over pairs.
-    Valid tokens come from ``batch.token_mask``. Always a mean over this micro-batch (``batch.num_tokens_in_batch``
-    is ignored): the negatives of each anchor are the other tokens of the same micro-batch, so the loss is not a
-    sum of per-token values that could be renormalised over an accumulation step.
+    Valid tokens come from ``batch.token_mask``. A mean over this micro-batch (``normalizer = BATCH``, the default):
+    the negatives of each anchor are the other tokens of the same micro-batch, so the loss is not a sum of per-token
+    values that could be renormalised over an accumulation step.
 
     Args:
         layer_pairs: resolved ``(student_layer, teacher_layer)`` pairs.
@@ -164,11 +164,11 @@ class ContrastiveAlignmentLoss(_PairedFeatureTerm):
 class _RegressionAlignmentLoss(_PairedFeatureTerm):
     """A student projector ``Hs -> Ht`` per pair; teacher features are used as they are.
 
-    A token mean: divided by ``batch.num_tokens_in_batch`` when the host gives it (the valid tokens of the whole
-    accumulation step), else by this batch's valid tokens.
+    A token mean (``normalizer = TOKENS``): divided by ``batch.num_tokens_in_batch`` when the host gives it (the
+    valid tokens of the whole accumulation step), else by this batch's valid tokens.
     """
 
-    normalized_by_num_tokens = True
+    normalizer = Normalizer.TOKENS
 
     def __init__(self, layer_pairs: Sequence[tuple[int, int]], student_dim: int, teacher_dim: int, *, projector="linear"):
         super().__init__(layer_pairs)
@@ -220,11 +220,12 @@ class AttentionRelationLoss(DistillationTerm):
         relation_heads: ``R``, dividing every selected q/k/v width of both models.
         relations: subset of ``("q", "k", "v")``.
 
-    A mean over valid query rows: divided by ``batch.num_tokens_in_batch`` when the host gives it.
+    A mean over valid query rows (``normalizer = TOKENS``): divided by ``batch.num_tokens_in_batch`` when the host
+    gives it.
     """
 
     family = "alignment"
-    normalized_by_num_tokens = True
+    normalizer = Normalizer.TOKENS
 
     def __init__(
         self, student_layer: int, teacher_layer: int, relation_heads: int, relations: Sequence[str] = RELATION_TYPES

@@ -46,8 +46,9 @@ def register_schedulers(register):
 class AdaptiveScheduler(WeightScheduler):
     """Base of the schedulers that recompute weights on update steps (see the module docstring).
 
-    Subclasses implement :meth:`propose` and say whether they need gradients (``uses_gradients``) and whether the
-    proposed weights are renormalised to ``sum(base_weights)`` (``renormalise``).
+    Subclasses implement :meth:`propose` and say whether they need gradients (``uses_gradients``), whether they read
+    the task loss's gradient (``reads_task_loss``, the :class:`~kd_plugins.WeightScheduler` trait; False here) and
+    whether the proposed weights are renormalised to ``sum(base_weights)`` (``renormalise``).
 
     Args:
         base_weights: ``{term: configured weight}``; terms with base weight 0 stay at 0.
@@ -58,6 +59,7 @@ class AdaptiveScheduler(WeightScheduler):
     """
 
     uses_gradients = False
+    reads_task_loss = False
     renormalise = False
 
     def __init__(
@@ -294,8 +296,10 @@ class GradNormScheduler(AdaptiveScheduler):
         anchored = torch.tensor([k in self.anchors for k in self.names], dtype=torch.bool)
         active = (self.base.cpu() > 0) & ~anchored & torch.isfinite(norms) & (norms > 0)
         self._adapted = active
+        # a term whose loss is exactly 0 this step (nothing valid in the batch, e.g. all labels -100) has no gradient
+        # for that reason, not because the shared parameters are out of its reach
         unreached = [k for k, ok, b, a in zip(self.names, active.tolist(), self.base.tolist(), anchored.tolist())
-                     if b > 0 and not ok and not a]
+                     if b > 0 and not ok and not a and float(torch.as_tensor(losses[k]).detach()) != 0.0]
         if unreached and not self._warned_unreached:
             self._warned_unreached = True
             logger.warning(
@@ -362,6 +366,7 @@ class ConflictScheduler(AdaptiveScheduler):
     """
 
     uses_gradients = True
+    reads_task_loss = True  # the cosine of each term's gradient with the task's
 
     def __init__(
         self,
@@ -479,7 +484,8 @@ class UncertaintyScheduler(WeightScheduler):
     Each term has a learnable log-variance ``s_i`` (the parameter ``log_vars``, owned by the Distiller, so the
     optimizer gets it). The transfer loss becomes ``sum_i base_i * (exp(-s_i) * L_i + s_i)``: the weights
     ``w_i = base_i * exp(-s_i)`` are returned as tensors with gradient and ``sum_i base_i * s_i`` is returned by
-    :meth:`regularizer`, which the Distiller adds to ``transfer``. At the optimum ``exp(s_i) = L_i``, i.e. every
+    :meth:`regularizer`, which the Distiller adds to ``transfer`` (once per optimizer step). Weights are never known
+    in advance (they are parameters the optimizer moves); the task loss is never read. At the optimum ``exp(s_i) = L_i``, i.e. every
     weighted term ``w_i * L_i`` tends to ``base_i``: base weights set each term's share of the transfer loss.
 
     Before each step ``s_i`` is projected (in place, no gradient) into the range that keeps ``w_i`` inside
@@ -490,6 +496,8 @@ class UncertaintyScheduler(WeightScheduler):
         init_log_var: starting ``s_i`` (0: start at the base weights).
         warmup_steps, min_weight, max_weight: as for the other schedulers.
     """
+
+    reads_task_loss = False
 
     def __init__(
         self,
@@ -512,24 +520,26 @@ class UncertaintyScheduler(WeightScheduler):
         base = torch.tensor([self.base_weights[k] for k in self.names])
         self.register_buffer("base", base, persistent=False)
         self.log_vars = nn.Parameter(torch.full((len(self.names),), float(init_log_var)))
-        self._regularizer: Tensor | None = None
 
     def weights(
         self, *, step: int, losses: Mapping[str, Tensor], gradients: GradientProbe | None = None
     ) -> dict[str, float | Tensor]:
         if step < self.warmup_steps:
-            self._regularizer = None
             ramp = linear_ramp(step, self.warmup_steps)
             return {k: self.base_weights[k] * ramp for k in losses}
         self._project()
-        active = self.base > 0
-        log_vars = torch.where(active, self.log_vars, torch.zeros_like(self.log_vars))
-        weights = self.base * torch.exp(-log_vars)
-        self._regularizer = (self.base * log_vars).sum()
+        weights = self.base * torch.exp(-self._active_log_vars())
         return {k: weights[self.names.index(k)] for k in losses}
 
-    def regularizer(self) -> Tensor | None:
-        return self._regularizer
+    def regularizer(self, *, step: int) -> Tensor | None:
+        """``sum_i base_i * s_i`` after warm-up (it keeps the learned weights from collapsing to 0), None during it."""
+        if step < self.warmup_steps:
+            return None
+        return (self.base * self._active_log_vars()).sum()
+
+    def _active_log_vars(self) -> Tensor:
+        """``s_i``, with 0 for terms of base weight 0 (they get neither weight nor regulariser)."""
+        return torch.where(self.base > 0, self.log_vars, torch.zeros_like(self.log_vars))
 
     def metrics(self) -> dict[str, float]:
         weights = (self.base * torch.exp(-self.log_vars.detach())).tolist()

@@ -18,10 +18,10 @@ from torch import Tensor
 from kd_plugins.errors import IncompatibleModelsError
 from kd_plugins.functional._common import check_temperature
 from kd_plugins.functional.fused import fused_linear_kd
-from kd_plugins.functional.logit import _check_loss_options
+from kd_plugins.functional.logit import check_loss_options
 from kd_plugins.functional.sparse import sparse_linear_kd
 from kd_plugins.hookspecs import hookimpl
-from kd_plugins.types import BatchContext, DistillationTerm, ModelCapture, ModelInfo, Requirements
+from kd_plugins.types import BatchContext, DistillationTerm, ModelCapture, ModelInfo, Normalizer, Requirements
 
 __all__ = [
     "ForwardKLLoss",
@@ -36,53 +36,48 @@ __all__ = [
 
 
 class _FusedLogitTerm(DistillationTerm):
-    """Shared forward of the logit terms: ``fused_linear_kd`` over the captured final hidden states.
+    """Shared forward of the logit terms: ``fused_linear_kd`` over the captured final hidden states (or
+    ``sparse_linear_kd`` against an offline top-k teacher).
 
-    It can also carry the task loss: after :meth:`request_task_loss`, the next forward computes the student's
-    cross-entropy on ``batch.labels`` in the same chunked pass over its LM head (``return_task_loss=True``) and
-    keeps it for :meth:`take_task_loss`; the term's own output is unchanged. The :class:`~kd_plugins.Distiller`
-    does this when called with ``task_loss="fused"``.
+    A token sum over ``batch.num_items_in_batch`` (``normalizer = ITEMS``), like the host's cross-entropy. It carries
+    the task loss: :meth:`forward_with_task_loss` also returns the student's cross-entropy on ``batch.labels``,
+    computed in the same chunked pass over its LM head (``return_task_loss=True``).
     """
 
     family = "logit"
+    normalizer = Normalizer.ITEMS
+    carries_task_loss = True
     loss_name = ""
-    can_fuse_task_loss = True
 
     def __init__(self, *, temperature: float = 1.0, chunk_size: int = 1024, **loss_kwargs: float):
         super().__init__()
         check_temperature(temperature)
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-        _check_loss_options(self.loss_name, loss_kwargs)
+        check_loss_options(self.loss_name, loss_kwargs)
         self.temperature = float(temperature)
         self.chunk_size = chunk_size
         self.loss_kwargs = {k: float(v) for k, v in loss_kwargs.items()}
-        self._task_requested = False
-        self._task_grad_ratio: float | None = None
-        self._task_loss: Tensor | None = None
-
-    def request_task_loss(self, grad_ratio: float | None = None) -> None:
-        """Compute the student's CE alongside the next forward (see the class docstring).
-
-        ``grad_ratio``: the caller's promise that the term's output and the CE are used only as
-        ``a * term + a * grad_ratio * ce``; their gradients are then combined before the LM head
-        (``task_grad_ratio`` of :func:`~kd_plugins.functional.fused.fused_linear_kd`). None: kept separate.
-        """
-        self._task_requested, self._task_grad_ratio, self._task_loss = True, grad_ratio, None
-
-    def take_task_loss(self) -> Tensor:
-        """The CE computed by the last forward after :meth:`request_task_loss` (then forgotten)."""
-        loss, self._task_loss, self._task_requested = self._task_loss, None, False
-        if loss is None:
-            raise RuntimeError(f"{type(self).__name__}: no task loss was computed; call request_task_loss() first")
-        return loss
 
     def requirements(self) -> Requirements:
         return Requirements(final_hidden=True)
 
     def forward(self, student: ModelCapture, teacher: ModelCapture, batch: BatchContext) -> Tensor:
-        """Args: captures with ``final_hidden (B, T, H)`` and ``lm_head_weight (V, H)``; ``batch.labels (B, T)``
-        aligned with positions. Returns a 0-dim fp32 loss."""
+        """Args: captures with ``final_hidden (B, T, H)`` and ``lm_head_weight (V, H)`` (the teacher's may instead
+        carry cached ``topk_logprobs`` / ``topk_indices``); ``batch.labels (B, T)`` aligned with positions.
+        Returns a 0-dim fp32 loss."""
+        return self._loss(student, teacher, batch)
+
+    def forward_with_task_loss(
+        self, student: ModelCapture, teacher: ModelCapture, batch: BatchContext, *, task_grad_ratio: float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(loss, student cross-entropy)`` from one chunked pass over the student's LM head (see
+        :meth:`kd_plugins.DistillationTerm.forward_with_task_loss`); with ``task_grad_ratio`` the CE's logit gradient
+        is added to the term's before the one projection (``task_grad_ratio`` of
+        :func:`~kd_plugins.functional.fused_linear_kd`, checked in backward)."""
+        return self._loss(student, teacher, batch, return_task_loss=True, task_grad_ratio=task_grad_ratio)
+
+    def _loss(self, student, teacher, batch, **task) -> Tensor | tuple[Tensor, Tensor]:
         if student.final_hidden is None or student.lm_head_weight is None:
             raise ValueError(
                 f"{type(self).__name__} needs the student's final hidden states and LM head weight, but the "
@@ -99,21 +94,19 @@ class _FusedLogitTerm(DistillationTerm):
             ignore_index=batch.ignore_index,
             num_items_in_batch=batch.num_items_in_batch,
             chunk_size=self.chunk_size,
-            return_task_loss=self._task_requested,
-            task_grad_ratio=self._task_grad_ratio if self._task_requested else None,
+            **task,
         )
         if teacher.final_hidden is None and teacher.topk_logprobs is not None and teacher.topk_indices is not None:
             # offline teacher (top-k cache): the sparse bucket form, see kd_plugins.functional.sparse
-            out = sparse_linear_kd(student.final_hidden, student.lm_head_weight, teacher.topk_logprobs,
-                                   teacher.topk_indices, batch.labels, **common)
-            return self._keep_task_loss(out)
+            return sparse_linear_kd(student.final_hidden, student.lm_head_weight, teacher.topk_logprobs,
+                                    teacher.topk_indices, batch.labels, **common)
         if teacher.final_hidden is None or teacher.lm_head_weight is None:
             raise ValueError(
                 f"{type(self).__name__} needs the teacher's final hidden states and LM head weight (or, from an "
                 f"offline cache, its top-k log-probs and indices), but the teacher capture of "
                 f"{teacher.info.name!r} has neither"
             )
-        out = fused_linear_kd(
+        return fused_linear_kd(
             student.final_hidden,
             student.lm_head_weight,
             teacher.final_hidden,
@@ -124,14 +117,6 @@ class _FusedLogitTerm(DistillationTerm):
             teacher_softcap=teacher.logit_softcap,
             **common,
         )
-        return self._keep_task_loss(out)
-
-    def _keep_task_loss(self, out: Tensor | tuple[Tensor, Tensor]) -> Tensor:
-        if not self._task_requested:
-            return out
-        self._task_requested, self._task_grad_ratio = False, None
-        loss, self._task_loss = out
-        return loss
 
     def extra_repr(self) -> str:
         options = "".join(f", {k}={v}" for k, v in self.loss_kwargs.items())

@@ -17,7 +17,9 @@ from kd_plugins.types import GradientProbe, WeightScheduler
 
 
 class ConstantScheduler(WeightScheduler):
-    """Every term keeps its base weight."""
+    """Every term keeps its base weight. Weights are known in advance; the task loss is never read."""
+
+    reads_task_loss = False
 
     def __init__(self, base_weights: Mapping[str, float]):
         super().__init__()

@@ -15,7 +15,8 @@ Gradients flow to every input that requires them, the teacher's included; detach
 frozen. Logits must be finite (a ``-inf`` teacher logit would give ``0 * inf``).
 
 The per-token functions (``_<loss>_per_token``) take flattened rows ``(N, V)`` and labels ``(N,)`` of valid
-positions only; :mod:`kd_plugins.functional.fused` reuses them chunk by chunk.
+positions only; :func:`check_loss_options` validates a loss's options and returns its per-token function (the fused
+losses' generic engine differentiates it chunk by chunk when a loss has no analytic kernel).
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def _check_dkd_weights(alpha: float = 1.0, beta: float = 2.0) -> None:
 _LOSSES: dict[str, tuple[Callable[..., Tensor], Callable[..., None]]] = {}
 
 
-def _check_loss_options(loss: str, options: dict) -> Callable[..., Tensor]:
+def check_loss_options(loss: str, options: dict) -> Callable[..., Tensor]:
     """Validate ``options`` for ``loss`` and return its per-token function."""
     if loss not in _LOSSES:
         raise ValueError(f"unknown loss {loss!r}; allowed: {', '.join(sorted(_LOSSES))}")
@@ -218,7 +219,7 @@ def _reduce(
 ) -> Tensor:
     check_temperature(temperature)
     _check_logits(student_logits, teacher_logits, labels)
-    per_token_fn = _check_loss_options(loss, options)
+    per_token_fn = check_loss_options(loss, options)
     vocab = student_logits.shape[-1]
     mask = valid_mask(labels, ignore_index).reshape(-1)
     # Only valid rows are computed at all; normalize_token_sum then sees the valid rows with an all-true mask.
@@ -236,13 +237,13 @@ def _reduce(
 # temporaries, which matters for the fused path.
 
 
-def _upcast(x: Tensor) -> Tensor:
+def upcast(x: Tensor) -> Tensor:
     """At least fp32 (float64 stays float64, so gradcheck can run in double precision)."""
     return x if x.dtype == torch.float64 else x.float()
 
 
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
-    logits = _upcast(logits)
+    logits = upcast(logits)
     return logits if temperature == 1.0 else logits / temperature
 
 

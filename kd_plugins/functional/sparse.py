@@ -25,7 +25,9 @@ the two ``(k+1)``-bucket distributions:
 With ``k == V`` the tail is empty (dropped) and every loss equals its dense version. Losses are scaled by
 ``T**2``; with ``T != 1`` the student logits are divided by ``T`` exactly, while the teacher's bucket log-probs
 (``l_j`` and ``log tau``) are divided by ``T`` and renormalised over the buckets -- exact at ``T = 1`` and for an
-empty tail, an approximation otherwise (the cache holds no per-token tail logits).
+empty tail, an approximation otherwise (the cache holds no per-token tail logits). The teacher's buckets are
+renormalised at every temperature, ``T = 1`` included: where rounding put the stored top-k mass above 1 (the tail
+then sits at its floor), the losses compare normalised bucket distributions.
 
 The bucket-level loss is differentiated by local autograd on ``(rows, k+2)`` tensors (cheap); the
 vocabulary-sized part of the gradient is analytic: ``dL/dz_j = g_j`` for ``j`` in ``S`` (and the split target),
@@ -41,17 +43,17 @@ import torch
 from torch import Tensor
 
 from kd_plugins.functional._common import IGNORE_INDEX, check_temperature, normalize_token_sum, valid_mask
-from kd_plugins.functional.fused import (
-    _BLOCK_ELEMENTS,
-    _ChunkPlan,
-    _FusedLinearKD,
-    _head,
-    _normalise_outputs,
-    _project,
-    _scale_,
-    _task_head,
+from kd_plugins.functional.chunked import (
+    ChunkPlan,
+    FusedLinearKD,
+    block_rows,
+    head,
+    normalise_outputs,
+    project,
+    scale_,
+    task_head,
 )
-from kd_plugins.functional.logit import _check_loss_options
+from kd_plugins.functional.logit import check_loss_options
 
 __all__ = ["sparse_linear_kd", "sparse_kd_reference"]
 
@@ -94,7 +96,7 @@ def sparse_linear_kd(
         ``(kd_loss, ce_loss)`` with ``return_task_loss``.
     """
     options = dict(loss_kwargs or {})
-    _check_loss_options(loss, options)
+    check_loss_options(loss, options)
     _check_sparse_inputs(student_hidden, student_weight, topk_logprobs, topk_indices, labels, student_bias,
                          student_softcap, temperature, chunk_size)
     vocab, k = student_weight.shape[0], topk_indices.shape[-1]
@@ -105,17 +107,17 @@ def sparse_linear_kd(
     targets = labels.reshape(-1)[mask]
     block = partial(_sparse_block, loss=loss, options=options, scale=student_logit_scale, softcap=student_softcap,
                     temperature=temperature, has_tail=k < vocab)
-    plan = _ChunkPlan(
+    plan = ChunkPlan(
         teacher_chunk=lambda start, stop, _buffer: (lp[start:stop], idx[start:stop]),
         block_loss=block,
-        block_rows=max(1, _BLOCK_ELEMENTS // vocab),
+        block_rows=block_rows(vocab),
         n_scratch=0 if student_softcap is None else 1,
         teacher_buffer=False,
         chunk_size=chunk_size,
-        task=_task_head(return_task_loss, task_grad_ratio, student_logit_scale, student_softcap),
+        task=task_head(return_task_loss, task_grad_ratio, student_logit_scale, student_softcap),
     )
-    out = _FusedLinearKD.apply(hidden_s, student_weight, student_bias, targets, plan, torch.is_grad_enabled())
-    return _normalise_outputs(out, num_items_in_batch)
+    out = FusedLinearKD.apply(hidden_s, student_weight, student_bias, targets, plan, torch.is_grad_enabled())
+    return normalise_outputs(out, num_items_in_batch)
 
 
 def sparse_kd_reference(
@@ -137,12 +139,12 @@ def sparse_kd_reference(
 ) -> Tensor:
     """Unfused :func:`sparse_linear_kd`: full student logits, buckets built with masks, plain autograd."""
     options = dict(loss_kwargs or {})
-    _check_loss_options(loss, options)
+    check_loss_options(loss, options)
     _check_sparse_inputs(student_hidden, student_weight, topk_logprobs, topk_indices, labels, student_bias,
                          student_softcap, temperature, chunk_size)
     vocab, k = student_weight.shape[0], topk_indices.shape[-1]
     mask = valid_mask(labels, ignore_index).reshape(-1)
-    logits = _head(_project(student_hidden, student_weight, student_bias), student_logit_scale, student_softcap)
+    logits = head(project(student_hidden, student_weight, student_bias), student_logit_scale, student_softcap)
     z = logits.reshape(-1, vocab)[mask] / temperature
     idx = topk_indices.reshape(-1, k)[mask].long()
     targets = labels.reshape(-1)[mask].long()
@@ -172,9 +174,9 @@ def _sparse_block(student, teacher_rows, targets, scratch, *, need_grad, loss, o
                   has_tail):
     lp, idx = teacher_rows
     if softcap is None:
-        _scale_(student, scale / temperature)
+        scale_(student, scale / temperature)
     else:
-        _scale_(student, scale)
+        scale_(student, scale)
         student.div_(softcap).tanh_()
         kept = scratch[0]
         kept.copy_(student)
@@ -212,7 +214,7 @@ def _sparse_block(student, teacher_rows, targets, scratch, *, need_grad, loss, o
     z.scatter_add_(-1, idx, g[:, :k])
     if loss == "dkd":
         z.scatter_add_(-1, tgt.unsqueeze(-1), torch.where(split, g[:, k], 0.0).unsqueeze(-1))
-    _scale_(z, scale / temperature)
+    scale_(z, scale / temperature)
     if softcap is not None:
         z.mul_(kept.mul_(kept).neg_().add_(1.0))
     return per.detach()

@@ -10,6 +10,7 @@ order (sequential sampler) so runs with the same global batch see the same data.
 
 Writes, per rank ``r``:
     ``log_rank{r}.jsonl``: one JSON line per training log (flushed at once, so a killed run keeps its lines);
+    ``steps_rank{r}.jsonl``: one JSON line ``{"pid", "step"}`` per optimizer step run, appended by every launch;
     ``final_rank{r}.safetensors``: ``kd.*`` (the Distiller's kd_state_dict) and ``student.*`` (student weights),
         after training finishes.
 """
@@ -65,13 +66,26 @@ class TokenRows(Dataset):
 
 
 class InOrderKDTrainer(KDTrainer):
+    count_matmuls = False
+    matmuls: list[int] = []
+
     def _get_train_sampler(self, train_dataset=None):
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
+    def training_step(self, *args, **kwargs):
+        if not self.count_matmuls:
+            return super().training_step(*args, **kwargs)
+        from _counting import VocabMatmuls  # a sibling file: this script's folder is on sys.path
+
+        with VocabMatmuls(VOCAB) as count:  # forward and backward of one micro-batch
+            loss = super().training_step(*args, **kwargs)
+        self.matmuls = [*self.matmuls, count.total]
+        return loss
+
 
 class Recorder(TrainerCallback):
-    def __init__(self, path: str, sleep: float):
-        self.path, self.sleep = path, sleep
+    def __init__(self, path: str, sleep: float, steps_path: str):
+        self.path, self.sleep, self.steps_path = path, sleep, steps_path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
@@ -81,14 +95,19 @@ class Recorder(TrainerCallback):
                 os.fsync(f.fileno())
 
     def on_step_end(self, args, state, control, **kwargs):
+        # every optimizer step this process ran, tagged with the process: tells a resume from a restart
+        with open(self.steps_path, "a") as f:
+            f.write(json.dumps({"pid": os.getpid(), "step": state.global_step}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         if self.sleep:
             time.sleep(self.sleep)
 
 
-def kd_config(scheduler: str, contrastive: bool = True) -> dict:
+def kd_config(scheduler: str, contrastive: bool = True, fuse: bool = False) -> dict:
     if scheduler == "auto":
         scheduler = "gradnorm" if "gradnorm" in available_components()["scheduler"] else "linear"
-    options = {"warmup_steps": 2}
+    options = {} if scheduler == "constant" else {"warmup_steps": 2}
     return {
         "ce_weight": 1.0,
         "terms": [
@@ -98,9 +117,9 @@ def kd_config(scheduler: str, contrastive: bool = True) -> dict:
         ][: 3 if contrastive else 2],
         "scheduler": {"name": scheduler, **options},
         "shared_params": "last_layer",
-        # DDP runs always take the host's compute_loss (fuse_task_loss applies to single-process runs only): the
-        # single-process reference takes it too, so the runs compare the same float operations over several steps
-        "fuse_task_loss": False,
+        # the host's compute_loss unless --fuse: then the student runs its backbone only (through the DDP wrapper) and
+        # the CE comes from the dkd term's pass over the LM head
+        "fuse_task_loss": fuse,
     }
 
 
@@ -124,6 +143,9 @@ def main(argv=None) -> None:
     parser.add_argument("--ddp-timeout", type=int, default=1800)
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --out")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep after each step")
+    parser.add_argument("--fuse", action="store_true", help="fuse_task_loss: true (default here: false)")
+    parser.add_argument("--count-matmuls", action="store_true",
+                        help="write the LM-head-sized matmuls of every micro-batch to matmuls_rank{r}.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -139,7 +161,7 @@ def main(argv=None) -> None:
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         disable_tqdm=True, max_grad_norm=args.max_grad_norm, ddp_timeout=args.ddp_timeout, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
-    config = kd_config(args.scheduler, not args.no_contrastive)
+    config = kd_config(args.scheduler, not args.no_contrastive, args.fuse)
     if args.nan_teacher_rank == training_args.process_index:
         with torch.no_grad():
             teacher.model.embed_tokens.weight.fill_(float("nan"))
@@ -149,8 +171,13 @@ def main(argv=None) -> None:
                                train_dataset=TokenRows(args.rows, args.fixed_length), teacher=teacher,
                                kd_config=config)
     rank = training_args.process_index
-    trainer.add_callback(Recorder(os.path.join(args.out, f"log_rank{rank}.jsonl"), args.sleep))
+    trainer.add_callback(Recorder(os.path.join(args.out, f"log_rank{rank}.jsonl"), args.sleep,
+                                  os.path.join(args.out, f"steps_rank{rank}.jsonl")))
+    trainer.count_matmuls = args.count_matmuls
     trainer.train(resume_from_checkpoint=True if args.resume else None)
+    if args.count_matmuls:
+        with open(os.path.join(args.out, f"matmuls_rank{rank}.json"), "w") as f:
+            json.dump(trainer.matmuls, f)
 
     state = {f"kd.{k}": v for k, v in trainer.distiller.kd_state_dict().items()}
     state.update({f"student.{k}": v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()})

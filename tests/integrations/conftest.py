@@ -96,6 +96,29 @@ def kd_config(terms=None, **overrides):
     return data
 
 
+class StepRecorder(transformers.TrainerCallback):
+    """Records the ``global_step`` of every optimizer step a trainer actually runs (``on_step_end``), and the
+    number of loss computations, so a test can tell a resumed run from one that restarted from step 0."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.loss_calls = 0
+
+    def attach(self, trainer):
+        trainer.add_callback(self)
+        compute_loss = trainer.compute_loss
+
+        def counting_compute_loss(*args, **kwargs):
+            self.loss_calls += 1
+            return compute_loss(*args, **kwargs)
+
+        trainer.compute_loss = counting_compute_loss
+        return self
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
 @pytest.fixture
 def tokenizer():
     return tiny_tokenizer()

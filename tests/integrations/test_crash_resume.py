@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,15 @@ def _logs(out: Path) -> dict[int, dict]:
         return {}
     entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {e["step"]: e for e in entries}  # a resumed run re-logs steps after the checkpoint: keep the last
+
+
+def _steps_by_launch(out: Path) -> list[list[int]]:
+    """The optimizer steps each launch ran, launch by launch (in order of their first step)."""
+    runs: dict[int, list[int]] = {}
+    for line in (out / "steps_rank0.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        runs.setdefault(entry["pid"], []).append(entry["step"])
+    return list(runs.values())
 
 
 def _wait(proc: subprocess.Popen, out: Path, timeout: float = 120) -> None:
@@ -82,6 +92,12 @@ def test_sigkill_mid_run_resumes_with_kd_state_and_matches_uninterrupted(tmp_pat
                           if int(p.name.split("-")[1]) <= killed_at)
     want, got = _logs(straight_dir), _logs(crash_dir)
     assert sorted(got) == list(range(1, MAX_STEPS + 1))
+    # a resume, not a restart (a deterministic restart from step 0 would log the same values): the killed launch
+    # ran steps 1..killed_at, the resumed launch only the steps after the checkpoint
+    killed_run, resumed_run = _steps_by_launch(crash_dir)
+    assert killed_run[:killed_at] == list(range(1, killed_at + 1))
+    assert resumed_run == list(range(last_checkpoint + 1, MAX_STEPS + 1)), resumed_run
+    assert _steps_by_launch(straight_dir) == [list(range(1, MAX_STEPS + 1))]
     for step in range(last_checkpoint + 1, MAX_STEPS + 1):
         for key in ("loss", "kd/loss/dkd", "kd/loss/mse", "kd/loss/contrastive", "kd/transfer"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-6), (step, key)
@@ -129,9 +145,11 @@ def test_corrupt_kd_state_is_refused_and_nothing_is_loaded(tmp_path, damage):
     path.write_bytes(damaged)
     target = _distiller(1)
     before = {k: v.clone() for k, v in target.kd_state_dict().items()}
-    with pytest.raises(Exception) as info:
+    with pytest.raises(KDError, match=rf"{re.escape(str(path))} is unreadable \(SafetensorError: .*\); it may have "
+                       r"been cut short by a crash: resume from an earlier checkpoint") as info:
         DistillationCallback(target).load(str(tmp_path))
-    assert not isinstance(info.value, (KeyboardInterrupt, SystemExit))
+    assert type(info.value) is KDError  # not a subclass raised by some other check (ConfigError, ...)
+    assert type(info.value.__cause__).__name__ == "SafetensorError"  # the reader's own error, kept chained
     after = target.kd_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "a refused file must not change the Distiller"
 
@@ -168,7 +186,8 @@ def test_kd_state_write_is_atomic_when_the_writer_dies(tmp_path, monkeypatch):
 def test_kd_state_of_another_config_is_refused(tmp_path):
     DistillationCallback(_distiller(0)).save(str(tmp_path))
     other = Distiller({"terms": [{"name": "cosine"}]}, student=STUDENT, teacher=TEACHER)
-    with pytest.raises(ConfigError, match="Was it saved with another KD config"):
+    with pytest.raises(ConfigError, match=r"was saved with another KD configuration.*\n  terms\[contrastive\]: "
+                                          r"'contrastive' \(weight 1.0\) -> \(absent\)"):
         DistillationCallback(other).load(str(tmp_path))
 
 

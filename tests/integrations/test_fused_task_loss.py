@@ -29,10 +29,9 @@ class _Recording:
     def _get_train_sampler(self, train_dataset=None):
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
-    def _kd_student_mode(self, *args, **kwargs):
-        mode = super()._kd_student_mode(*args, **kwargs)
-        self.kd_modes = [*getattr(self, "kd_modes", []), mode]
-        return mode
+    def _kd_run_student(self, plan, *args, **kwargs):
+        self.kd_modes = [*getattr(self, "kd_modes", []), plan.student_mode.value]
+        return super()._kd_run_student(plan, *args, **kwargs)
 
 
 class _SFT(_Recording, KDSFTTrainer):
@@ -111,7 +110,7 @@ def test_fused_ce_equals_host_ce_under_grad_accumulation(tmp_path, loss):
     """ce_weight > 0: the CE from the logit term's pass, GA=4 x 2 with micro-batches of different token counts
     (num_items_in_batch normalisation), temperature != 1 for the KD term (the CE stays at temperature 1)."""
     terms = [{"name": loss, "weight": 0.6, "temperature": 2.0}, {"name": "mse", "weight": 0.7, "layers": "uniform"}]
-    _compare(tmp_path, "fused", terms=terms, ce_weight=0.8, keys=("loss", "kd/transfer", f"kd/loss/{loss}"))
+    _compare(tmp_path, "fused_ce", terms=terms, ce_weight=0.8, keys=("loss", "kd/transfer", f"kd/loss/{loss}"))
 
 
 @pytest.fixture
@@ -134,7 +133,7 @@ def grad_ratios(monkeypatch):
 def test_constant_weights_combine_the_ce_gradient_before_the_lm_head(tmp_path, grad_ratios):
     """With weights known before the forward (constant scheduler) the CE gradient is added to the KD gradient
     with ratio ce_weight / weight and projected once; the step still equals the host's."""
-    _compare(tmp_path, "fused", terms=DKD_MSE, ce_weight=0.8, ga=2, batch=4)
+    _compare(tmp_path, "fused_ce", terms=DKD_MSE, ce_weight=0.8, ga=2, batch=4)
     assert grad_ratios == [pytest.approx(0.8 / 0.4)] * 2
 
 
@@ -143,7 +142,7 @@ def test_gradnorm_combines_only_between_its_update_steps(tmp_path, grad_ratios):
     steps 1 and 3 its stored weights are known in advance and the gradients are combined. Four optimizer steps
     equal the host path's, weights included."""
     scheduler = {"name": "gradnorm", "every": 2}
-    fused_log, _ = _compare(tmp_path, "fused", terms=DKD_MSE, scheduler=scheduler, ga=1, batch=4, max_steps=4,
+    fused_log, _ = _compare(tmp_path, "fused_ce", terms=DKD_MSE, scheduler=scheduler, ga=1, batch=4, max_steps=4,
                             keys=("loss", "kd/transfer", "kd/weight/dkd", "kd/weight/mse"))
     assert [r is None for r in grad_ratios] == [True, False, True, False]
     # step 1 reuses the weights set on step 0 (the first log entry); ce_weight is 1
@@ -155,7 +154,7 @@ def test_fused_ce_with_conflict_probe(tmp_path):
     """``conflict`` probes each term and the task loss separately on its update step: the fused CE keeps its own
     gradient, so the probe (and the weights it sets) are those of the host path."""
     scheduler = {"name": "conflict", "every": 1}
-    _compare(tmp_path, "fused", terms=DKD_MSE, scheduler=scheduler, ga=2, batch=4,
+    _compare(tmp_path, "fused_ce", terms=DKD_MSE, scheduler=scheduler, ga=2, batch=4,
              keys=("loss", "kd/transfer", "kd/weight/dkd", "kd/weight/mse"))
 
 
@@ -184,7 +183,7 @@ def test_fused_ce_with_offline_teacher_cache(tmp_path):
                  teacher=teacher, kd_config=kd_config(DKD_MSE[:1]))
     rows = list(probe.train_dataset["input_ids"])
     cache = cache_teacher(teacher, tiny_tokenizer(), rows, tmp_path / "cache", k=8, progress=False)
-    _compare(tmp_path, "fused", terms=DKD_MSE[:1], teacher=cache)
+    _compare(tmp_path, "fused_ce", terms=DKD_MSE[:1], teacher=cache)
 
 
 def test_plain_trainer_all_masked_micro_batch(tmp_path):
@@ -196,7 +195,7 @@ def test_plain_trainer_all_masked_micro_batch(tmp_path):
     labels[3] = [-100] * 10
     labels[0][:4] = [-100] * 4
     dataset = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * 10] * 4, "labels": labels})
-    _compare(tmp_path, "fused", terms=DKD_MSE, trainer_cls=_Plain, dataset=dataset, batch=2, ga=2)
+    _compare(tmp_path, "fused_ce", terms=DKD_MSE, trainer_cls=_Plain, dataset=dataset, batch=2, ga=2)
 
 
 def test_opt_out_keeps_trl_metrics_and_validation(tmp_path):

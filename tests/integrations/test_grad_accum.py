@@ -22,7 +22,6 @@ What is equivalent, and what is not:
 
 from __future__ import annotations
 
-import importlib.util
 import pytest
 import torch
 from datasets import Dataset
@@ -160,8 +159,6 @@ def test_alignment_terms_ga4x2_equals_ga1x8_with_unequal_lengths(tmp_path, term)
     _assert_same(acc, full)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kd_plugins.components.dynamic_schedulers") is None,
-                    reason="the uncertainty scheduler has not landed")
 def test_learned_scheduler_weights_see_one_step_not_four(tmp_path):
     """The ``uncertainty`` scheduler's regulariser ``sum_i base_i * s_i`` must be counted once per optimizer step,
     whatever the accumulation; its log-variances must move as in the GA=1 x 8 run."""

@@ -4,6 +4,7 @@ training from the cache matching training with the live teacher when k == V."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -152,7 +153,7 @@ def test_training_from_a_full_vocabulary_cache_matches_the_live_teacher(tmp_path
     cache = cache_teacher(_teacher(), tiny_tokenizer(), _blocks(16, seed=2), tmp_path / "cache", k=VOCAB,
                           layers=range(3), dtype="float32", progress=False)
     cached, cached_logs = _train(tmp_path / "cached", cache, terms)
-    assert cached.kd_teacher is None
+    assert cached.kd_teacher is cache  # the cache is the teacher source: no teacher model at all
     assert len(live_logs) == len(cached_logs) == 3
     for a, b in zip(live_logs, cached_logs):
         for key in ("loss", "kd/loss/dkd", "kd/loss/mse"):
@@ -171,4 +172,5 @@ def test_trainer_refuses_a_cache_without_needed_teacher_features(tmp_path):
         _train(tmp_path / "t2", cache, [{"name": "mse", "weight": 0.7, "layers": "uniform"}])
     # a top-k (k < V) cache trains a logit term
     _, logs = _train(tmp_path / "t3", cache, [{"name": "forward_kl", "weight": 1.0}], steps=2)
-    assert all(torch.isfinite(torch.tensor(e["kd/loss/forward_kl"])) for e in logs)
+    assert len(logs) == 2
+    assert all(math.isfinite(e["kd/loss/forward_kl"]) and e["kd/loss/forward_kl"] > 0 for e in logs), logs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -22,7 +23,16 @@ from kd_plugins.integrations.trl import (
     enable_distillation,
 )
 
-from .conftest import KD_TERMS, kd_config, sft_args, tiny_dataset, tiny_model, tiny_texts, tiny_tokenizer
+from .conftest import (
+    KD_TERMS,
+    StepRecorder,
+    kd_config,
+    sft_args,
+    tiny_dataset,
+    tiny_model,
+    tiny_texts,
+    tiny_tokenizer,
+)
 
 
 def _kd_trainer(tmp_path, *, arch="llama", teacher=None, config=None, dataset=None, **args):
@@ -106,13 +116,65 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert (checkpoint / KD_STATE_NAME).is_file()
 
     resumed = _kd_trainer(tmp_path / "resumed", **common)
+    ran = StepRecorder().attach(resumed)
     resumed.train(resume_from_checkpoint=str(checkpoint))
+    # a resume, not a restart: only the steps after the checkpoint ran (a deterministic restart from step 0 would
+    # log the same values at steps 4-6), one loss computation each
+    assert ran.steps == [4, 5, 6] and ran.loss_calls == 3
     want = {e["step"]: e for e in _train_logs(straight) if e["step"] > 3}
     got = {e["step"]: e for e in _train_logs(resumed)[3:]}  # log_history restored from the checkpoint first
     assert sorted(got) == [4, 5, 6]
+    assert [e["step"] for e in _train_logs(resumed)] == [1, 2, 3, 4, 5, 6]  # restored history, then new entries
     for step in (4, 5, 6):
         for key in ("loss", "kd/loss/dkd", "kd/loss/contrastive", "kd/loss/attention_relation"):
             assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-6), (step, key)
+
+
+def test_logged_step_equals_a_direct_distiller_call_on_the_same_batch(tmp_path):
+    """Step 1 of a KDSFTTrainer run recomputed outside the trainer: the same initial student and teacher, the batch
+    the trainer's ``compute_loss`` received, a Distiller holding the trainer's initial state (projectors). Every
+    logged term loss, the transfer and the loss (host CE + transfer) match."""
+    config = kd_config(KD_TERMS + [{"name": "mse", "weight": 0.7, "layers": "uniform"}])
+    trainer = _kd_trainer(tmp_path, config=config, dataset=tiny_dataset(4), max_steps=1)
+    initial = {k: v.detach().clone() for k, v in trainer.distiller.state_dict().items()}
+    seen = []
+    compute_loss = trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)})
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording_compute_loss
+    trainer.train()
+    (log,) = _train_logs(trainer)
+    (inputs,) = seen
+
+    student, teacher = tiny_model(seed=0), tiny_model(seed=1, hidden=48, layers=3, heads=4, kv_heads=2)
+    s_info, t_info = ModelInfo.from_config(student.config), ModelInfo.from_config(teacher.config)
+    distiller = Distiller(config, student=s_info, teacher=t_info)
+    distiller.load_state_dict(initial)
+    req = distiller.requirements()
+    s_cap = FeatureCapture(student, info=s_info, layers=req.student_layers, qkv_layers=req.student_qkv_layers,
+                           final_hidden=True)
+    t_cap = FeatureCapture(teacher, info=t_info, layers=req.teacher_layers, qkv_layers=req.teacher_qkv_layers,
+                           final_hidden=True)
+    model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    with torch.no_grad():
+        with s_cap.recording():
+            ce = student(**model_inputs, labels=inputs["labels"], use_cache=False).loss
+        with t_cap.recording():
+            run_backbone(teacher, inputs)
+        batch = BatchContext.from_inputs(labels=inputs["labels"], attention_mask=inputs.get("attention_mask"),
+                                         position_ids=inputs.get("position_ids"), step=0)
+        out = distiller(s_cap.result(), t_cap.result(), batch, task_loss=ce)
+    labels = [t["name"] for t in config["terms"]]
+    assert set(out.losses) == set(labels)
+    for label in labels:
+        assert log[f"kd/loss/{label}"] == pytest.approx(out.losses[label].item(), rel=1e-4, abs=1e-6), label
+        assert log[f"kd/weight/{label}"] == pytest.approx(out.weights[label], rel=1e-6), label
+    assert log["kd/transfer"] == pytest.approx(out.transfer.item(), rel=1e-4)
+    assert log["loss"] == pytest.approx(out.loss.item(), abs=2e-4)  # transformers rounds it to 4 decimals
+    assert out.transfer.item() > 1e-3
 
 
 def test_lora_student_with_self_teacher(tmp_path):
@@ -144,28 +206,57 @@ def test_self_teacher_needs_peft(tmp_path):
         _kd_trainer(tmp_path, teacher="self")
 
 
+def _assert_first_step_is_task_loss_plus_transfer(kd_log, plain_log, labels, ce_weight=1.0):
+    """Step 1 (same initial student, same batch): the logged loss is ``ce_weight * host loss + transfer``, and the
+    transfer is the weighted sum of the logged term losses; every term loss is finite and positive."""
+    for label in labels:
+        assert math.isfinite(kd_log[f"kd/loss/{label}"]) and kd_log[f"kd/loss/{label}"] > 0, label
+    weighted = sum(kd_log[f"kd/weight/{label}"] * kd_log[f"kd/loss/{label}"] for label in labels)
+    assert kd_log["kd/transfer"] == pytest.approx(weighted, rel=1e-4)
+    assert kd_log["kd/transfer"] > 1e-3
+    # the logged "loss" is rounded by transformers to 4 decimals
+    assert kd_log["loss"] == pytest.approx(ce_weight * plain_log["loss"] + kd_log["kd/transfer"], abs=2e-4)
+
+
+# Every batch of these tests is the whole 4-row dataset, so the distilling and the plain run see the same first
+# batch whatever random numbers the Distiller's construction consumed (token means do not depend on row order).
+
+
 def test_enable_distillation_on_built_sft_trainer(tmp_path):
-    trainer = SFTTrainer(model=tiny_model(), args=sft_args(tmp_path, max_steps=3), train_dataset=tiny_dataset(16),
+    plain = SFTTrainer(model=tiny_model(), args=sft_args(tmp_path / "plain", max_steps=1),
+                       train_dataset=tiny_dataset(4), processing_class=tiny_tokenizer())
+    plain.train()
+    trainer = SFTTrainer(model=tiny_model(), args=sft_args(tmp_path, max_steps=3), train_dataset=tiny_dataset(4),
                          processing_class=tiny_tokenizer())
     returned = enable_distillation(trainer, teacher=tiny_model(seed=3, layers=3), config=kd_config())
     assert returned is trainer and isinstance(trainer, SFTTrainer)
     trainer.train()
-    assert "kd/loss/contrastive" in _train_logs(trainer)[-1]
+    logs = _train_logs(trainer)
+    assert len(logs) == 3
+    _assert_first_step_is_task_loss_plus_transfer(logs[0], _train_logs(plain)[0], [t["name"] for t in KD_TERMS])
     opt_params = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert all(id(p) in opt_params for p in trainer.distiller.parameters())
 
 
 def test_transformers_trainer_path(tmp_path):
     tok = tiny_tokenizer()
-    data = tiny_dataset(16).map(lambda row: tok(row["text"]), remove_columns=["text"])
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3,
-                             logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
-    trainer = KDTrainer(model=tiny_model("qwen2"), args=args, train_dataset=data,
-                        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+    data = tiny_dataset(4).map(lambda row: tok(row["text"]), remove_columns=["text"])
+
+    def args(out, steps):
+        return TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=steps,
+                                 logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+
+    collator = DataCollatorForLanguageModeling(tok, mlm=False)
+    plain = Trainer(model=tiny_model("qwen2"), args=args(tmp_path / "plain", 1), train_dataset=data,
+                    data_collator=collator)
+    plain.train()
+    trainer = KDTrainer(model=tiny_model("qwen2"), args=args(tmp_path, 3), train_dataset=data, data_collator=collator,
                         teacher=tiny_model("qwen2", seed=2), kd_config=kd_config(projector_lr=3e-3))
     assert isinstance(trainer, Trainer)
     trainer.train()
-    assert "kd/loss/dkd" in _train_logs(trainer)[-1]
+    logs = _train_logs(trainer)
+    assert len(logs) == 3
+    _assert_first_step_is_task_loss_plus_transfer(logs[0], _train_logs(plain)[0], [t["name"] for t in KD_TERMS])
     kd_groups = [g for g in trainer.optimizer.param_groups if g["initial_lr"] == pytest.approx(3e-3)]
     assert kd_groups, "projector_lr group missing"
 
@@ -202,13 +293,19 @@ def test_nonfinite_teacher(tmp_path, mode):
 def test_sft_packing_padding_free_trains(tmp_path, packing):
     seen = []
     teacher = tiny_model(seed=1, layers=3)
-    teacher.model.register_forward_pre_hook(lambda m, a, kw: seen.append(sorted(kw)), with_kwargs=True)
+    teacher.model.register_forward_pre_hook(lambda m, a, kw: seen.append(sorted(k for k, v in kw.items() if v is not None)),
+                                            with_kwargs=True)
     extra = {} if packing else {"max_length": None}  # TRL: padding-free without packing cannot truncate
     trainer = _kd_trainer(tmp_path, teacher=teacher, packing=packing, padding_free=True, max_steps=2,
                           per_device_train_batch_size=2, **extra)
     trainer.train()
     assert "position_ids" in seen[0] and "attention_mask" not in seen[0]
-    assert "kd/loss/attention_relation" in _train_logs(trainer)[-1]
+    logs = _train_logs(trainer)
+    assert len(logs) == 2
+    for entry in logs:
+        for term in KD_TERMS:
+            value = entry[f"kd/loss/{term['name']}"]
+            assert math.isfinite(value) and value > 0, (term["name"], value)
 
 
 def test_packed_and_padded_batches_give_the_same_kd_losses():
@@ -264,7 +361,11 @@ def test_kd_distillation_trainer_steps(tmp_path):
                                     train_dataset=prompts, processing_class=tok,
                                     kd_config=kd_config([KD_TERMS[0], KD_TERMS[2]]))
     trainer.train()
-    assert "kd/loss/dkd" in _train_logs(trainer)[-1]
+    (log,) = _train_logs(trainer)
+    for label in ("dkd", "attention_relation"):
+        assert math.isfinite(log[f"kd/loss/{label}"]) and log[f"kd/loss/{label}"] > 0, label
+    weighted = sum(log[f"kd/weight/{label}"] * log[f"kd/loss/{label}"] for label in ("dkd", "attention_relation"))
+    assert log["kd/transfer"] == pytest.approx(weighted, rel=1e-4) and math.isfinite(log["loss"])
 
 
 @pytest.mark.gpu

@@ -24,7 +24,7 @@ def test_corpus_is_real_deterministic_text():
     assert docs == load_corpus()
     assert all(isinstance(d, str) and d for d in docs)
     with pytest.raises(ValueError, match="unknown"):
-        load_corpus("wikipedia")
+        load_corpus("reddit")
 
 
 def test_split_is_deterministic_disjoint_and_by_document():
@@ -61,3 +61,4 @@ def test_token_blocks_join_with_eos_and_drop_the_tail():
 def test_lm_dataset_is_pretokenised():
     ds = lm_dataset([[5, 6, 7], [8, 9, 10]])
     assert ds.column_names == ["input_ids"] and ds[1]["input_ids"] == [8, 9, 10]
+

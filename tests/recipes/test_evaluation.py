@@ -16,6 +16,7 @@ from kd_plugins.recipes.evaluation import (  # noqa: E402
     generation_speed,
     markdown_table,
     retention,
+    speedup,
 )
 
 
@@ -104,6 +105,25 @@ def test_generation_speed_interleaved():
         assert s["ms_per_token"] == pytest.approx(1000 * s["latency_s"] * 2 / 8)
     single = generation_speed(a, _Tok(), ["abc"], max_new_tokens=3)
     assert single["new_tokens"] == 3
+
+
+def test_generation_speed_repeats_and_paired_speedup():
+    a, b = _model(0), _model(1)
+    stats = compare_generation_speed({"teacher": a, "student": b}, _Tok(), ["abc", "hello"], max_new_tokens=3,
+                                     repeats=3)
+    for s in stats.values():
+        assert s["repeats"] == 3 and s["new_tokens"] == 3 * 2 * 3
+        per = s["per_repeat"]["tokens_per_s"]
+        assert len(per) == 3 and s["tokens_per_s_min"] <= s["tokens_per_s"] <= s["tokens_per_s_max"]
+        assert s["tokens_per_s"] == sorted(per)[1]  # the median of three
+        assert len(s["per_repeat"]["tokens_per_cpu_s"]) == 3 and s["tokens_per_cpu_s"] > 0
+    up = speedup(stats, "student", "teacher")
+    ratios = [x / y for x, y in zip(stats["student"]["per_repeat"]["tokens_per_s"],
+                                    stats["teacher"]["per_repeat"]["tokens_per_s"])]
+    assert up["values"] == pytest.approx(ratios) and up["median"] == pytest.approx(sorted(ratios)[1])
+    assert up["min"] == pytest.approx(min(ratios)) and up["max"] == pytest.approx(max(ratios)) and up["repeats"] == 3
+    with pytest.raises(ValueError, match="repeats"):
+        compare_generation_speed({"a": a}, _Tok(), ["abc"], repeats=0)
 
 
 def test_markdown_table():

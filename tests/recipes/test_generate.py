@@ -325,7 +325,8 @@ def _evaluation_texts() -> dict[str, str]:
         if "CORPORA" in attribute and isinstance(value, (tuple, list)):
             names |= {v for v in value if isinstance(v, str)}
     for name in sorted(names - set(TRAINING_CORPORA)):
-        texts[name] = "\n".join(data.load_corpus(name))
+        loader = data.load_eval_corpus if name in getattr(data, "EVAL_CORPORA", ()) else data.load_corpus
+        texts[name] = "\n".join(loader(name))
     tasks = Path(data.__file__).parent / "tasks"
     if tasks.is_dir():
         for path in sorted(tasks.rglob("*")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -23,12 +24,29 @@ def test_demo_runs_end_to_end_on_a_tiny_teacher(tmp_path, monkeypatch):
     results = demo.run(demo.build_parser().parse_args([
         "--steps", "2", "--student-layers", "2", "--strategy", "block_influence", "--block-size", "16",
         "--batch-size", "2", "--eval-blocks", "4", "--calibration-blocks", "2", "--gen-prompts", "1",
-        "--gen-tokens", "3", "--output-dir", str(out), "--max-minutes", "0",
+        "--gen-tokens", "3", "--gen-repeats", "3", "--output-dir", str(out), "--max-minutes", "0",
+        "--task-limit", "8", "--cache-dir", str(tmp_path / "cache"),
     ]))
     assert results["steps"] == 2 and results["kept_layers"][0] == 0 and results["kept_layers"][-1] == 3
+    student = results["student"]
     for key in ("nll", "perplexity", "accuracy", "agreement", "kl_teacher_student"):
-        assert key in results["student"]
-    assert "accuracy" in results["retention"]
+        assert math.isfinite(student[key]), (key, student[key])
+    assert student["nll"] > 0 and student["perplexity"] == pytest.approx(math.exp(student["nll"]), rel=1e-3)
+    assert 0 <= student["accuracy"] <= 1 and 0 <= student["agreement"] <= 1 and student["kl_teacher_student"] >= 0
+    assert math.isfinite(results["retention"]["accuracy"])
+    suite = results["retention_suite"]
+    assert set(suite["domains"]) == {"pydoc_heldout", "wikipedia", "dialog"}
+    assert set(suite["tasks"]) == {"kd_wiki_cloze", "kd_dialog_reply"}
+    for task in suite["tasks"].values():
+        assert task["items"] == 8 and 0.0 <= task["student"]["acc"] <= 1.0 and 0.0 <= task["teacher"]["acc"] <= 1.0
+    # the suite's in-domain numbers are the main job's held-out numbers
+    assert suite["domains"]["pydoc_heldout"]["student"]["accuracy"] == results["student"]["accuracy"]
+    assert results["headline"]["in_domain_top1"] == pytest.approx(results["retention"]["accuracy"], nan_ok=True)
+    speed = results["generation_speedup"]
+    assert speed["repeats"] == 3 and len(speed["values"]) == 3 and speed["min"] <= speed["median"] <= speed["max"]
+    assert results["teacher"]["generation"]["new_tokens"] == 3 * 3  # 1 prompt x 3 tokens x 3 repeats
+    assert (out / "retention.json").is_file() and (out / "retention.png").stat().st_size > 0
+    assert any((tmp_path / "cache").rglob("domain-wikipedia-*.pt"))  # the teacher's side was cached
     saved = json.loads((out / "results.json").read_text())
     assert saved["kept_layers"] == results["kept_layers"]
     assert "| teacher" in (out / "results.md").read_text()

@@ -1,8 +1,11 @@
 """An example kd_plugins plugin: the ``hidden_l1`` alignment term and the ``step_decay`` scheduler.
 
 Everything here uses kd_plugins' public extension surface only: :data:`kd_plugins.hookimpl`, the
-:class:`~kd_plugins.DistillationTerm` / :class:`~kd_plugins.WeightScheduler` base classes, the shared layer map
-and projectors, and :func:`kd_plugins.functional.normalize_token_sum` for masking and normalisation.
+:class:`~kd_plugins.DistillationTerm` / :class:`~kd_plugins.WeightScheduler` base classes and their declared traits
+(``normalizer``, ``reads_task_loss``, ``weights_in_advance``), the shared layer map and projectors, and
+:func:`kd_plugins.functional.normalize_token_sum` for masking and normalisation. Because the traits are declared,
+a host plans these components exactly like built-ins: ``hidden_l1`` is exact under gradient accumulation, and
+``step_decay`` with ``ce_weight: 0`` lets the student run its backbone only.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from kd_plugins import ConfigError, DistillationTerm, Requirements, WeightScheduler, hookimpl
+from kd_plugins import ConfigError, DistillationTerm, Normalizer, Requirements, WeightScheduler, hookimpl
 from kd_plugins.functional import normalize_token_sum
 from kd_plugins.layer_map import resolve_layer_map
 from kd_plugins.projectors import build_projector
@@ -34,14 +37,16 @@ class HiddenL1Loss(DistillationTerm):
     """Mean absolute error between projected student and teacher hidden states, averaged over layer pairs.
 
     For each ``(student_layer, teacher_layer)`` pair: ``mean_d |P(h_s) - h_t|`` per token, averaged over the
-    valid tokens of the batch (``batch.token_mask``). ``P`` is a trainable ``Hs -> Ht`` projector owned by this
-    term. The teacher is detached.
+    valid tokens (``batch.token_mask``) -- of the whole accumulation window when the host gives their count
+    (``batch.num_tokens_in_batch``; the term declares ``normalizer = TOKENS``), else of this batch. ``P`` is a
+    trainable ``Hs -> Ht`` projector owned by this term. The teacher is detached.
 
     Shapes: hidden states ``(B, T, Hs)`` / ``(B, T, Ht)``; token mask ``(B, T)``; returns a 0-dim fp32 loss,
     exactly 0 when no token is valid.
     """
 
     family = "alignment"
+    normalizer = Normalizer.TOKENS
 
     def __init__(self, layer_pairs: list[tuple[int, int]], student_dim: int, teacher_dim: int, projector: str):
         super().__init__()
@@ -63,7 +68,7 @@ class HiddenL1Loss(DistillationTerm):
             projected = projector(hs.to(weight.dtype) if weight is not None else hs)
             # zero padding first: it may hold garbage, and masked_fill sends exactly zero gradient there
             diff = (projected.float() - ht.float()).masked_fill(~mask[..., None], 0.0)
-            losses.append(normalize_token_sum(diff.abs().mean(dim=-1), mask))
+            losses.append(normalize_token_sum(diff.abs().mean(dim=-1), mask, batch.num_tokens_in_batch))
         return torch.stack(losses).mean()
 
 
@@ -78,7 +83,9 @@ def build_hidden_l1(*, student, teacher, layers="last", num_pairs=None, projecto
 class StepDecayScheduler(WeightScheduler):
     """Step decay of every transfer weight: ``w_i * max(min_factor, gamma ** (step // step_size))``.
 
-    Useful when the teacher's guidance matters most early and the task loss should take over later.
+    Useful when the teacher's guidance matters most early and the task loss should take over later. The weights
+    depend on the step alone: they are announced in advance (``weights_in_advance``) and the task loss is never read
+    (``reads_task_loss = False``).
 
     Args:
         base_weights: ``{label: weight}`` from the KD config (passed by the Distiller).
@@ -86,6 +93,8 @@ class StepDecayScheduler(WeightScheduler):
         gamma: multiplicative decay per ``step_size`` steps, in ``[0, 1]``.
         min_factor: floor on the decay factor, in ``[0, 1]``.
     """
+
+    reads_task_loss = False
 
     def __init__(
         self, base_weights: Mapping[str, float], step_size: int = 100, gamma: float = 0.5, min_factor: float = 0.0
@@ -107,3 +116,7 @@ class StepDecayScheduler(WeightScheduler):
     def weights(self, *, step, losses, gradients=None) -> dict[str, float]:
         factor = self.factor(step)
         return {name: self.base_weights[name] * factor for name in losses}
+
+    def weights_in_advance(self, step: int) -> dict[str, float]:
+        factor = self.factor(step)
+        return {name: weight * factor for name, weight in self.base_weights.items()}
