@@ -297,6 +297,7 @@ def _run(args, load_models, load_corpus, suite_blocks) -> dict:
             _write_json(runs_path, records)
             for other in args.lrs:
                 _state_file(work_dir, signature, name, other, args.seeds[0]).unlink(missing_ok=True)
+            _report(out_dir, records, setup, state, signature, quiet=True)
             continue
         else:
             clock.say(f"=== {name}, LR {lr:g}, seed {seed} ({phase}) ===")
@@ -322,6 +323,7 @@ def _run(args, load_models, load_corpus, suite_blocks) -> dict:
         if phase != "untrained":
             wall_per_run.append(record["wall_s"])
         del student
+        _report(out_dir, _load(runs_path, []), setup, state, signature, quiet=True)  # an interrupted run leaves a table
 
     summary = _report(out_dir, _load(runs_path, []), setup, state, signature)
     clock.say(f"wrote {out_dir / 'equal_compute.md'}; total {clock.elapsed() / 60:.1f} min")
@@ -513,7 +515,7 @@ def _suite(student, reference, clock, label: str) -> dict:
 # --- results --------------------------------------------------------------------------------------------------
 
 
-def _report(out_dir: Path, records: list[dict], setup: dict, state: dict, signature: str) -> dict:
+def _report(out_dir: Path, records: list[dict], setup: dict, state: dict, signature: str, quiet: bool = False) -> dict:
     columns = _module("retention_rows")._COLUMNS
     rows_info = load_rows()
     current = [r for r in records if r.get("signature") == signature and r.get("suite")]
@@ -562,7 +564,8 @@ def _report(out_dir: Path, records: list[dict], setup: dict, state: dict, signat
         text += ["", f"![retention per row]({plot})", ""]
     _write_json(out_dir / "equal_compute.json", summary)
     (out_dir / "equal_compute.md").write_text("\n".join(text) + "\n")
-    print("\n" + "\n".join(lines), flush=True)
+    if not quiet:
+        print("\n" + "\n".join(lines), flush=True)
     return summary
 
 
