@@ -12,6 +12,8 @@ Subcommands:
   (in-domain, out-of-domain and lm-evaluation-harness tasks) for a saved student (``kd_plugins.recipes.eval_cli``).
 * ``kd-plugins cache-teacher --teacher PATH|smollm2 --data pydoc_topics|PATH --out DIR [--k 64] [--layers ...]``
   -- the offline teacher cache (``kd_plugins.integrations.teacher_cache``).
+* ``kd-plugins generate --out DIR [--prompts mixed|instructions|corpus|FILE] ...`` -- teacher-generated distillation
+  data and its teacher cache (``kd_plugins.recipes.generate``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ _DELEGATED = {
     "eval": ("kd_plugins.recipes.eval_cli", "retention suite: a saved student vs its teacher, in and out of domain"),
     "cache-teacher": ("kd_plugins.integrations.teacher_cache", "run a teacher once and cache its top-k log-probs"),
     "report": ("kd_plugins.report", "plot per-term KD losses and scheduler weights of a run"),
+    "generate": ("kd_plugins.recipes.generate", "sample distillation data from the teacher and cache the teacher on it"),
 }
 
 

@@ -35,6 +35,7 @@ DEFAULT_PLUGINS = (
     "kd_plugins.components.cross_vocab",
     "kd_plugins.components.schedulers",
     "kd_plugins.components.dynamic_schedulers",
+    "kd_plugins.components.curriculum",
 )
 
 # family name -> contribution hook name
