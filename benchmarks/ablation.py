@@ -45,7 +45,7 @@ for everything still to do (printed); ``--max-minutes`` stops the harness: no ne
 end passes the cap, and a run in flight stops at the cap and is recorded as incomplete (not counted; a rerun
 redoes it).
 
-Measured cost (docs/results.md, "Ablation (issue 6)"): one seed of all 9 rows x 60 steps takes ~17-19 min at 2
+Measured cost (docs/results.md, "Ablation of the terms"): one seed of all 9 rows x 60 steps takes ~17-19 min at 2
 threads on an otherwise idle 2-core machine, so the default 3 seeds take ~55 min: run them in sittings
 (``--max-minutes 45``); the harness resumes.
 
@@ -767,7 +767,7 @@ def _table(summary: dict) -> str:
 def _markdown(summary: dict) -> str:
     setup, p = summary["setup"], summary["parameters"]
     gen = summary["generation"]
-    parts = [f"# Ablation (issue 6): {summary['kind']}", ""]
+    parts = [f"# Ablation of the terms: {summary['kind']}", ""]
     if setup.get("eval_split") == "validation":
         parts += ["**Evaluated on the validation split** (training-split blocks no run trains on), for choosing "
                   "configurations without looking at the held-out split: the 'held-out' columns below mean "

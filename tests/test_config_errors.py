@@ -1,4 +1,4 @@
-"""Configuration mistakes get a message that names the problem, the value and the fix (issue #19, "unclear"):
+"""Configuration mistakes get a message that names the problem, the value and the fix:
 mistyped paths, the wrong shape of ``terms``, YAML syntax errors, option typos, a configuration that trains
 nothing. Every test asserts on the message text."""
 

@@ -1,4 +1,4 @@
-"""Representation terms across tokenizers (issue #15): ``contrastive``, ``mse`` and ``cosine`` on a batch whose
+"""Representation terms across tokenizers: ``contrastive``, ``mse`` and ``cosine`` on a batch whose
 ``alignment`` is set compare span-pooled hidden states. Each against a float64 loop over the spans (pooling, the
 term's own projector applied by hand, the loss), gradients included; masks; the all-masked batch is a finite 0."""
 

@@ -1,4 +1,4 @@
-"""Logit terms across vocabularies (issue #15): the exact-match path on the shared sub-vocabulary, ULD (sorted
+"""Logit terms across vocabularies: the exact-match path on the shared sub-vocabulary, ULD (sorted
 probabilities, Boizard et al. 2024) and their hybrid -- functional and module forms against float64 loops over rows,
 gradients included, chunked == unchunked, masks, the all-masked batch a finite 0."""
 

@@ -1,4 +1,4 @@
-"""Two tokenizations of one text (issue #15): a byte-level BPE student and a WordPiece teacher, both trained in the
+"""Two tokenizations of one text: a byte-level BPE student and a WordPiece teacher, both trained in the
 test, tokenise each example; :class:`CrossTokenizer` aligns them by character offsets -- from texts, and from a
 student batch whose text it rebuilds."""
 

@@ -1,4 +1,4 @@
-"""A KDSFTTrainer with a teacher of another tokenizer (issue #15): with ``cross_tokenizer: true`` the teacher reads
+"""A KDSFTTrainer with a teacher of another tokenizer: with ``cross_tokenizer: true`` the teacher reads
 its own tokenization and the span terms train (the transfer loss falls); without it the teacher is refused, naming
 the fix; impossible combinations are refused before the first step."""
 

@@ -1,4 +1,4 @@
-"""The teacher cache against the training data (issue #19): checked up front (a half-matching dataset is refused
+"""The teacher cache against the training data: checked up front (a half-matching dataset is refused
 before the first step, not at step 4), text data that TRL tokenises with an appended EOS matches a cache built from
 the same ids (exactly: equal to the live teacher), a cache can be named in the KD config or as a teacher path, and
 ``kd-plugins cache-teacher`` prints messages, not tracebacks, for bad input."""

@@ -1,4 +1,4 @@
-"""``kd-plugins sft`` refuses what a user can get wrong with a message (issue #19): a teacher, student or KD-config
+"""``kd-plugins sft`` refuses what a user can get wrong with a message: a teacher, student or KD-config
 path typo says the path does not exist (no hub ``HFValidationError``), relative paths in the YAML resolve from the
 YAML's folder, unknown YAML keys are refused with the closest known key, and a teacher cache can be named."""
 

@@ -1,6 +1,6 @@
 """GPT-2-style models (``transformer.h``, ``Conv1D``, ``ln_f``, fused ``c_attn``) are captured and distilled --
 attention relations included, q/k/v split from ``c_attn`` by width -- and an unsupported layout is refused with the
-list of supported architectures (issue #19)."""
+list of supported architectures."""
 
 from __future__ import annotations
 

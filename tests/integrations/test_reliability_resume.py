@@ -1,7 +1,7 @@
 """Resuming is refused -- before anything is loaded -- when the KD state is corrupt (one flipped byte anywhere) or
 was saved with another KD configuration (the message names every differing field; ``allow_config_change_on_resume``
 restores what still fits), and a tensor that no longer fits gets a message instead of torch's ``size mismatch``
-traceback (issue #19)."""
+traceback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Teacher and student tokenizers are compared, not only their vocabulary sizes (issue #19): different tokenizers
+"""Teacher and student tokenizers are compared, not only their vocabulary sizes: different tokenizers
 are refused (cross-tokenizer distillation is not configured), one tokenizer whose models pad the vocabulary to
 different sizes trains logit terms on the shared real tokens -- equal to a float64 reference on that sub-vocabulary
 -- and an unknown tokenizer with different sizes is refused instead of crashing with ``IndexError``."""

@@ -1,4 +1,4 @@
-"""The trainer integration refuses or survives what a user can get wrong (issue #19): ``enable_distillation`` run
+"""The trainer integration refuses or survives what a user can get wrong: ``enable_distillation`` run
 twice (replaced, not stacked), a ``shared_params`` typo, an all-masked micro-batch under ``KDTrainer``, a teacher
 object in another dtype (never converted in place), a teacher that shares tensors with the student."""
 

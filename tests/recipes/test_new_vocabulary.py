@@ -1,4 +1,4 @@
-"""A student with a new, smaller vocabulary (issue #15, item 4), on a tiny teacher with an in-test byte-level BPE:
+"""A student with a new, smaller vocabulary, on a tiny teacher with an in-test byte-level BPE:
 the new tokenizer keeps the teacher's pipeline, each new token's embedding is the mean of the teacher rows of its
 string, the derived student reads the new ids, and bits per character is a per-character score."""
 

@@ -1,4 +1,4 @@
-"""The SmolLM2 teacher from ``load_smollm2`` is an ordinary trainable model (issue #19): the GGUF loader's
+"""The SmolLM2 teacher from ``load_smollm2`` is an ordinary trainable model: the GGUF loader's
 quantization markers are cleared, so a Trainer can fine-tune it and LoRA self-distillation (``teacher="self"``)
 trains. Reproduced on a tiny model carrying the loader's markers; one slow check loads the real GGUF."""
 
