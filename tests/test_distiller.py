@@ -308,3 +308,83 @@ def test_plans_for_other_terms_or_steps_and_string_task_losses_are_refused():
     fused = distiller.plan(HostFacts(fusable_task_loss=True), step=batch.step)
     with pytest.raises(ValueError, match="pass task_loss=None"):
         distiller(student, teacher, batch, plan=fused, task_loss=torch.tensor(1.0))
+
+
+def test_the_step_end_hook_and_the_output_carry_the_detached_losses_and_task_loss(plugin):
+    seen = []
+
+    class Recorder:
+        @hookimpl
+        def kd_step_end(self, step, total, losses, weights):
+            seen.append((step, losses, weights))
+
+    kd_plugins.get_plugin_manager().register(Recorder(), name="step_end_recorder")
+    distiller = Distiller(KDConfig(ce_weight=0.5, terms=[{"name": "test_mse", "weight": 0.3}]), student=STUDENT,
+                          teacher=TEACHER)
+    student, teacher, batch = _captures()
+    task = torch.tensor(2.5, requires_grad=True)
+    out = distiller(student, teacher, batch, task_loss=task)
+    (step, losses, weights), = seen
+    assert step == 0 and weights == {"test_mse": pytest.approx(0.3)}
+    assert set(losses) == {"test_mse"} and not losses["test_mse"].requires_grad
+    assert torch.equal(losses["test_mse"], out.losses["test_mse"])
+    assert out.task_loss is not None and float(out.task_loss) == 2.5 and not out.task_loss.requires_grad
+
+
+def test_a_scheduler_without_a_weight_for_a_term_is_named(plugin, monkeypatch):
+    config = KDConfig(terms=[{"name": "test_mse"}, {"name": "test_mse", "label": "second"}],
+                      scheduler={"name": "test_recording"})
+    distiller = Distiller(config, student=STUDENT, teacher=TEACHER)
+    monkeypatch.setattr(distiller.scheduler, "weights", lambda **kw: {"test_mse": 1.0})
+    with pytest.raises(RuntimeError) as info:
+        distiller(*_captures())
+    assert str(info.value) == "scheduler 'test_recording' returned no weight for ['second']"
+
+
+def test_plan_refusals_say_exactly_what_to_do():
+    from dataclasses import replace
+
+    config = KDConfig(ce_weight=1.0, terms=[{"name": "dkd", "weight": 0.5}])
+    distiller = Distiller(config, student=STUDENT, teacher=TEACHER)
+    student, teacher, batch, _ = _logit_captures()
+    with pytest.raises(TypeError) as info:
+        distiller(student, teacher, batch, task_loss="fused")
+    assert str(info.value) == (
+        "task_loss='fused': pass the host's task loss tensor or None; the fused task loss is planned "
+        "(StudentMode.FUSED_CE in Distiller.plan(...)), not requested by a string")
+    fused = distiller.plan(HostFacts(fusable_task_loss=True), step=batch.step)
+    with pytest.raises(ValueError) as info:
+        distiller(student, teacher, batch, plan=fused, task_loss=torch.tensor(1.0))
+    assert str(info.value) == ("the step plan computes the task loss in the carrier term (StudentMode.FUSED_CE); "
+                               "pass task_loss=None")
+    for carrier in ("nonexistent", None):
+        with pytest.raises(ValueError) as info:
+            distiller(student, teacher, batch, plan=replace(fused, carrier=carrier))
+        assert str(info.value) == (f"the step plan's task-loss carrier {carrier!r} is not a term that carries the "
+                                   "task loss (carries_task_loss = True)")
+
+
+def test_a_fused_plan_whose_carrier_does_not_carry_the_task_loss_is_refused(plugin):
+    from dataclasses import replace
+
+    config = KDConfig(ce_weight=1.0, terms=[{"name": "test_mse"}, {"name": "dkd", "weight": 0.5}])
+    distiller = Distiller(config, student=STUDENT, teacher=TEACHER)
+    student, teacher, batch, _ = _logit_captures()
+    fused = distiller.plan(HostFacts(fusable_task_loss=True), step=batch.step)
+    assert fused.carrier == "dkd"
+    with pytest.raises(ValueError, match=r"carrier 'test_mse' is not a term that carries the task loss"):
+        distiller(student, teacher, batch, plan=replace(fused, carrier="test_mse"))
+
+
+def test_the_announced_weight_message_names_scheduler_term_step_and_the_rule(monkeypatch):
+    config = KDConfig(ce_weight=1.0, terms=[{"name": "dkd", "weight": 0.5}])
+    distiller = Distiller(config, student=STUDENT, teacher=TEACHER)
+    monkeypatch.setattr(distiller.scheduler, "weights_in_advance", lambda step: {"dkd": 0.7})
+    student, teacher, batch, _ = _logit_captures()
+    plan = distiller.plan(HostFacts(fusable_task_loss=True), step=batch.step)
+    with pytest.raises(RuntimeError) as info:
+        distiller(student, teacher, batch, plan=plan)
+    assert str(info.value) == (
+        "scheduler 'constant' announced weight 0.7 for term 'dkd' at step 3 (weights_in_advance) but weights() "
+        "returned 0.5; the fused task-loss gradient was combined with the announced weight. weights_in_advance "
+        "must return exactly what weights() will, or None")
