@@ -11,9 +11,10 @@ Protocol (identical for every row; the rows differ in student, data, stage 1 and
   training split, minus ``--validation-blocks`` evenly spaced blocks that no run trains on (the **validation
   split**); the held-out documents are the suite's in-domain **test** domain and are never used for a choice;
 * **budget**: each training run gets ``--budget-cpu-s`` process CPU-seconds (all threads), stage 1 included. A
-  row's step count is planned once from a probe (``--probe-steps`` steps on a throwaway copy, steps after the
-  first timed): ``(budget - stage 1 share) / CPU-s per step``; the LR schedule (linear warm-up over
-  ``--warmup-ratio``, cosine decay) is laid over those steps, and a run that reaches the budget earlier stops there
+  row's step count is planned once from a probe (``--probe-steps`` steps on a throwaway copy, logging as often as
+  the runs do, the first two steps untimed): ``(budget - stage 1 share) / CPU-s per step``; the LR schedule
+  (linear warm-up over ``--warmup-ratio``, cosine decay) is laid over those steps, and a run that reaches the budget
+  earlier stops there
   (``capped`` in the record). Evaluation is outside the budget. One-off artefacts shared by every seed and LR of a
   row (the teacher-generated data, the repair stage's teacher cache) are built once; their CPU-seconds are
   reported beside the table, not charged to the row;
@@ -21,7 +22,10 @@ Protocol (identical for every row; the rows differ in student, data, stage 1 and
   accuracy is kept (ties: higher top-1 agreement with the teacher) and the other ``--seeds`` train at that LR only;
 * **scores**: the whole retention suite (:mod:`kd_plugins.recipes.retention`: in-domain held-out, out-of-domain
   Wikipedia and dialog, the lm-evaluation-harness tasks) for every seed at the chosen LR; mean and sample standard
-  deviation over seeds.
+  deviation over seeds;
+* **ranking** (fixed before any run, :func:`suite_score`): the mean of in-domain top-1 retention, out-of-domain
+  top-1 retention and task accuracy retention above chance; the report names the best row, its lead over the
+  runner-up and whether that lead exceeds the seeds' spread.
 
 Rows (``ROW_ORDER``; KD configs are read from benchmarks/ablation.py's ``ROWS_YAML`` and recipes/main_job.py's
 ``DEFAULT_KD_CONFIG``, never copied): ``untrained`` and ``width_untrained`` (the derived students as they are),
@@ -61,11 +65,15 @@ ROW_ORDER = ("untrained", "ce", "fkl_ce", "gen_fkl_ce", "repair_fkl_ce", "fkl_ce
              "width_fkl_ce")
 DEFAULTS = dict(budget_cpu_s=600.0, lrs=[2e-3, 5e-4], seeds=[0, 1, 2], student_layers=6, strategy="block_influence",
                 block_size=128, batch_size=4, warmup_ratio=0.1, validation_blocks=24, eval_blocks=48,
-                calibration_blocks=8, probe_steps=3, threads=2, width_heads=3, width_kv_heads=1,
+                calibration_blocks=8, probe_steps=12, threads=2, width_heads=3, width_kv_heads=1,
                 width_intermediate=256, repair_share=0.3, repair_cache_blocks=64, repair_steps=300, repair_lr=1e-3,
                 gen_prompts=64, gen_tokens=96, gen_teacher_share=0.5, gen_max_cpu_s=900.0)
 
-__all__ = ["ROW_ORDER", "build_parser", "choose_lr", "load_rows", "main", "run", "split_validation"]
+LOGGING_STEPS = 5  # the same in the probe and the runs, so the probe's cost per step includes the logging share
+PROBE_WARMUP = 2  # probe steps not timed
+
+__all__ = ["ROW_ORDER", "build_parser", "choose_lr", "load_rows", "main", "rank_rows", "run", "split_validation",
+           "suite_score"]
 
 
 # --- rows -----------------------------------------------------------------------------------------------------
@@ -417,7 +425,7 @@ def _logit_stage(ctx, student, kd: dict, dataset, lr: float, seed: int, *, steps
     student.get_input_embeddings().weight.requires_grad_(False)  # as the main job: tied embedding / head frozen
     sft_args = sft_config(str(run_dir), steps=steps, batch_size=args.batch_size, learning_rate=lr,
                           block_size=args.block_size, warmup_ratio=args.warmup_ratio, seed=seed,
-                          logging_steps=max(1, steps // 20))
+                          logging_steps=LOGGING_STEPS)
     common = dict(model=student, args=sft_args, train_dataset=dataset, processing_class=ctx["tokenizer"],
                   callbacks=[CPUBudget()])
     if kd.get("terms"):
@@ -428,7 +436,10 @@ def _logit_stage(ctx, student, kd: dict, dataset, lr: float, seed: int, *, steps
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     student.eval()
-    per_step = (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) >= 2 else (marks[-1] - cpu0 if marks else None)
+    # CPU-seconds per step in the steady state: the first PROBE_WARMUP steps (allocations, first-call costs) untimed
+    skip = min(PROBE_WARMUP, len(marks) - 2)
+    per_step = ((marks[-1] - marks[skip]) / (len(marks) - 1 - skip) if len(marks) >= 2
+                else (marks[-1] - cpu0 if marks else None))
     return {"steps": trainer.state.global_step, "capped": CPUBudget.capped, "cpu_s": time.process_time() - cpu0,
             "cpu_per_step": per_step,
             "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)}
@@ -527,15 +538,17 @@ def _report(out_dir: Path, records: list[dict], setup: dict, state: dict, signat
             "train_cpu_s": _stats([r["train"]["cpu_s"] for r in scored]),
             "capped": sum(bool(r["train"].get("capped")) for r in scored),
             "metrics": {header: _stats([fn(r["suite"]) for r in scored]) for header, fn in columns},
+            "score": _stats([suite_score(r["suite"]) for r in scored]),
         }
-    lines = ["| row | LR (validation) | seeds | steps | train CPU-s | " + " | ".join(h for h, _ in columns) + " |",
-             "|---|---|---:|---:|---:|" + "|".join("---:" for _ in columns) + "|"]
+    lines = ["| row | LR (validation) | seeds | steps | train CPU-s | suite score | " + " | ".join(h for h, _ in columns)
+             + " |", "|---|---|---:|---:|---:|---:|" + "|".join("---:" for _ in columns) + "|"]
     for name, t in table.items():
         lr = "–" if t["lr"] is None else f"{t['lr']:g} (" + ", ".join(
             f"{float(k):g}: {v:.1%}" for k, v in sorted(t["validation_top1_by_lr"].items(), key=lambda kv: -float(kv[0]))) + ")"
         cells = [_cell(t["metrics"][h]) for h, _ in columns]
         lines.append(f"| {name} | {lr} | {len(t['seeds']) if t['seeds'] != [None] else '–'} | "
-                     f"{_num(t['steps']['mean'])} | {_num(t['train_cpu_s']['mean'])} | " + " | ".join(cells) + " |")
+                     f"{_num(t['steps']['mean'])} | {_num(t['train_cpu_s']['mean'])} | {_cell(t['score'])} | "
+                     + " | ".join(cells) + " |")
     oneoff = state.get("oneoff", {})
     notes = [f"Budget {setup.get('budget_cpu_s'):g} training CPU-seconds per run (stage 1 included), "
              f"{setup.get('threads')} threads; LRs {setup.get('lrs')} chosen on {setup.get('validation_blocks')} "
@@ -545,7 +558,10 @@ def _report(out_dir: Path, records: list[dict], setup: dict, state: dict, signat
                  f"{k} {v['cpu_s']:.0f} CPU-s" for k, v in oneoff.items()) or "none") + "; probe per row: " + (", ".join(
                  f"{k} {v['probe_cpu_per_step']:.2f} CPU-s/step" for k, v in state.get("plans", {}).items()) or "none")
              + "."]
-    summary = {"rows": table, "setup": setup, "state": state, "signature": signature,
+    ranking = rank_rows(table)
+    if ranking:
+        notes.append(ranking["sentence"])
+    summary = {"rows": table, "ranking": ranking, "setup": setup, "state": state, "signature": signature,
                "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     plot = _plot(table, out_dir) if table else None
     text = ["# Equal-compute ablation", "", *notes, "", "\n".join(lines), ""]
@@ -559,6 +575,43 @@ def _report(out_dir: Path, records: list[dict], setup: dict, state: dict, signat
     if not quiet:
         print("\n" + "\n".join(lines), flush=True)
     return summary
+
+
+def suite_score(report: dict) -> float | None:
+    """The rule that ranks the rows, fixed before any run: the mean of the suite's three retention figures --
+    in-domain top-1, out-of-domain top-1 (Wikipedia and dialog) and task accuracy above chance -- so two thirds of
+    the score is text and tasks no run trains on. None when one of them is missing (e.g. ``--tasks none``)."""
+    s = report["summary"]
+    parts = [s.get("in_domain_top1"), s.get("out_of_domain_top1"), s.get("tasks_acc_above_chance")]
+    if any(p is None or not math.isfinite(p) for p in parts):
+        return None
+    return statistics.fmean(parts)
+
+
+def rank_rows(table: dict) -> dict | None:
+    """The trained rows ordered by mean suite score; the best row, the runner-up and whether the gap exceeds the
+    seeds' spread (the larger of the two rows' sample standard deviations)."""
+    scored = [(name, t["score"]) for name, t in table.items() if t["lr"] is not None and t["score"]["mean"] is not None]
+    if not scored:
+        return None
+    scored.sort(key=lambda item: -item[1]["mean"])
+    order = [name for name, _ in scored]
+    best, stats = scored[0]
+    out = {"order": order, "best": best, "best_score": stats["mean"], "runner_up": None, "gap": None,
+           "spread": None, "separated": None}
+    sentence = f"Best row by the suite score (mean of in-domain, out-of-domain and task retention): **{best}** " \
+               f"({_cell(stats)})"
+    if len(scored) > 1:
+        second, other = scored[1]
+        spreads = [x["std"] for x in (stats, other) if x["std"] is not None]
+        spread = max(spreads) if spreads else None
+        gap = stats["mean"] - other["mean"]
+        out.update(runner_up=second, gap=gap, spread=spread, separated=None if spread is None else gap > spread)
+        sentence += f", ahead of {second} ({_cell(other)}) by {gap:.1%}"
+        if spread is not None:
+            sentence += (" -- more than" if gap > spread else " -- within") + f" the seeds' spread ({spread:.1%})"
+    out["sentence"] = sentence + ". Order: " + " > ".join(order) + "."
+    return out
 
 
 def _plot(table: dict, out_dir: Path) -> str:
@@ -601,8 +654,9 @@ def _check_args(args) -> None:
         problems.append(f"--seeds={args.seeds!r}: expected distinct seeds")
     if not 0 <= args.repair_share < 1:
         problems.append(f"--repair-share={args.repair_share!r}: expected 0 <= share < 1")
-    if args.probe_steps < 2:
-        problems.append(f"--probe-steps={args.probe_steps!r}: expected >= 2 (the first step is not timed)")
+    if args.probe_steps < PROBE_WARMUP + 2:
+        problems.append(f"--probe-steps={args.probe_steps!r}: expected >= {PROBE_WARMUP + 2} (the first "
+                        f"{PROBE_WARMUP} steps are not timed)")
     if problems:
         raise SystemExit("benchmarks/equal_compute.py: " + "; ".join(problems))
 

@@ -47,7 +47,7 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
          "tests/test_functional_alignment.py", "tests/test_properties.py"],
     ),
     "distiller": (["kd_plugins/distiller.py"],
-                  ["tests/test_distiller.py", "tests/test_bad_input.py", "tests/test_dynamic_schedulers.py",
+                  ["tests/test_distiller.py", "tests/test_distiller_state.py", "tests/test_bad_input.py", "tests/test_dynamic_schedulers.py",
                    "tests/test_config_errors.py", "tests/test_plan.py"]),
     "plan": (["kd_plugins/plan.py"], ["tests/test_plan.py", "tests/test_distiller.py"]),
 }

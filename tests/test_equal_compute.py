@@ -47,7 +47,7 @@ def _args(harness, tmp_path, rows, seeds=("0", "1")):
     return harness.build_parser().parse_args([
         "--rows", *rows, "--seeds", *seeds, "--lrs", "2e-3", "5e-4", "--budget-cpu-s", str(BUDGET),
         "--student-layers", "2", "--block-size", "16", "--batch-size", "2", "--validation-blocks", "4",
-        "--eval-blocks", "4", "--calibration-blocks", "2", "--probe-steps", "2", "--threads", "1",
+        "--eval-blocks", "4", "--calibration-blocks", "2", "--probe-steps", "4", "--threads", "1",
         "--width-heads", "2", "--width-kv-heads", "1", "--width-intermediate", "16", "--repair-cache-blocks", "8",
         "--repair-steps", "50", "--gen-prompts", "4", "--gen-tokens", "6", "--tasks", "none",
         "--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "ref"),
@@ -153,3 +153,30 @@ def test_bad_arguments_stop_before_any_work(tmp_path):
         args = harness.build_parser().parse_args(flags + ["--out-dir", str(tmp_path)])
         with pytest.raises(SystemExit, match=message):
             harness.run(args, load_models=lambda: pytest.fail("models loaded"))
+
+
+def test_the_suite_score_and_the_ranking_rule():
+    harness = _harness()
+
+    def report(in_domain, ood, tasks):
+        return {"summary": {"in_domain_top1": in_domain, "out_of_domain_top1": ood, "tasks_acc_above_chance": tasks}}
+
+    assert harness.suite_score(report(0.6, 0.3, 0.3)) == pytest.approx(0.4)
+    assert harness.suite_score(report(0.6, 0.3, None)) is None  # no tasks: no score, never a two-part mean
+    assert harness.suite_score(report(0.6, float("nan"), 0.3)) is None
+
+    def row(lr, *scores):
+        return {"lr": lr, "score": harness._stats(scores)}
+
+    table = {"untrained": row(None, 0.9), "ce": row(2e-3, 0.40, 0.42, 0.41), "fkl_ce": row(2e-3, 0.45, 0.47, 0.46),
+             "full": row(5e-4, 0.30, 0.35, 0.40)}
+    ranking = harness.rank_rows(table)
+    assert ranking["order"] == ["fkl_ce", "ce", "full"]  # untrained rows are not candidates, whatever they score
+    assert ranking["best"] == "fkl_ce" and ranking["runner_up"] == "ce"
+    assert ranking["gap"] == pytest.approx(0.05) and ranking["spread"] == pytest.approx(0.01)
+    assert ranking["separated"] is True
+    assert "**fkl_ce** (46.0% ± 1.0%), ahead of ce (41.0% ± 1.0%) by 5.0% -- more than the seeds' spread" in \
+        ranking["sentence"]
+    close = harness.rank_rows({"a": row(1e-3, 0.50, 0.40), "b": row(1e-3, 0.44, 0.45)})
+    assert close["best"] == "a" and close["separated"] is False and "within the seeds' spread" in close["sentence"]
+    assert harness.rank_rows({"untrained": row(None, 0.1)}) is None
