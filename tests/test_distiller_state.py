@@ -181,3 +181,37 @@ def test_resolved_config_differs_exactly_where_training_would():
     other_teacher = Distiller(KDConfig(terms=[{"name": "state_proj"}]), student=STUDENT,
                               teacher=wider).resolved_config()
     assert other_teacher["teacher"]["hidden_size"] == 10 and other_teacher["student"] == base["student"]
+
+
+def test_resolved_config_reads_the_distillers_own_plugin_manager():
+    """A Distiller built on a private plugin manager (components the process-wide one does not have) resolves its
+    builders there too."""
+    import pluggy
+
+    from kd_plugins import hookspecs
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+
+    class Private:
+        @hookimpl
+        def register_alignment_terms(self, register):
+            register("private_proj", lambda student, teacher, scale=0.25: Projected(
+                student.hidden_size, teacher.hidden_size, None, scale))
+
+        @hookimpl
+        def register_schedulers(self, register):
+            register("private_counting", Counting)
+
+    pm.register(Private(), name="private")
+    config = KDConfig(terms=[{"name": "private_proj"}], scheduler={"name": "private_counting", "decay": 0.5})
+    resolved = Distiller(config, student=STUDENT, teacher=TEACHER, plugin_manager=pm).resolved_config()
+    assert resolved["terms"][0]["options"] == {"scale": 0.25}
+    assert resolved["scheduler"] == {"name": "private_counting", "options": {"every": 3, "decay": 0.5}}
+
+
+def test_resolved_config_writes_option_values_json_cannot_hold_as_their_repr():
+    config = KDConfig(terms=[{"name": "state_proj", "scale": torch.float16}])
+    resolved = Distiller(config, student=STUDENT, teacher=TEACHER).resolved_config()
+    assert resolved["terms"][0]["options"]["scale"] == "torch.float16"
+    assert json.loads(json.dumps(resolved)) == resolved
