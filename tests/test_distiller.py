@@ -388,3 +388,76 @@ def test_the_announced_weight_message_names_scheduler_term_step_and_the_rule(mon
         "scheduler 'constant' announced weight 0.7 for term 'dkd' at step 3 (weights_in_advance) but weights() "
         "returned 0.5; the fused task-loss gradient was combined with the announced weight. weights_in_advance "
         "must return exactly what weights() will, or None")
+
+
+class _BuilderPlugin:
+    """Builders that misbehave in the ways a third-party plugin can."""
+
+    @hookimpl
+    def register_alignment_terms(self, register):
+        def forwards(student, teacher, **options):  # accepted options unknowable: the call itself decides
+            return _strict_term(student, teacher, **options)
+
+        def _strict_term(student, teacher, layer=-1):
+            return ProjectedMSE(student.hidden_size, teacher.hidden_size, layer)
+
+        register("test_forwards", forwards)
+        register("test_not_a_term", lambda student, teacher: 42)
+
+        def annotated(student, teacher, **options) -> ProjectedMSE:  # options: those of the class it returns
+            return ProjectedMSE(student.hidden_size, teacher.hidden_size, **options)
+
+        register("test_annotated", annotated)
+
+
+@pytest.fixture
+def builders(clean_plugin_manager):
+    kd_plugins.get_plugin_manager().register(_BuilderPlugin(), name="test_builders")
+
+
+def test_an_unknown_option_found_only_by_calling_the_builder_is_named(builders):
+    with pytest.raises(ConfigError) as info:
+        Distiller(KDConfig(terms=[{"name": "test_forwards", "colour": 3}]), student=STUDENT, teacher=TEACHER)
+    assert str(info.value).startswith("term 'test_forwards' (test_forwards): unknown option 'colour' (")
+    assert "unexpected keyword argument 'colour'" in str(info.value)
+    assert isinstance(info.value.__cause__, TypeError)
+    Distiller(KDConfig(terms=[{"name": "test_forwards", "layer": 0}]), student=STUDENT, teacher=TEACHER)
+
+
+def test_a_builder_that_returns_no_term_is_named_with_its_provider(builders):
+    with pytest.raises(TypeError) as info:
+        Distiller(KDConfig(terms=[{"name": "test_not_a_term"}]), student=STUDENT, teacher=TEACHER)
+    assert str(info.value) == ("builder of 'test_not_a_term' from 'test_builders' returned int, expected a "
+                               "kd_plugins.DistillationTerm")
+
+
+def test_the_options_of_an_annotated_forwarding_builder_are_its_classes(builders):
+    with pytest.raises(ConfigError) as info:
+        Distiller(KDConfig(terms=[{"name": "test_annotated", "layr": 0}]), student=STUDENT, teacher=TEACHER)
+    assert str(info.value) == ("term 'test_annotated' (test_annotated): unknown option(s) ['layr'] ('layr' -> did "
+                               "you mean 'layer'?); accepted options: ['student_width', 'teacher_width', 'layer']")
+
+
+def test_one_hint_per_unknown_option_and_none_when_nothing_is_close(plugin):
+    from kd_plugins.distiller import _unknown_options_message
+
+    assert _unknown_options_message("term 'x'", ["tempr"], ["temp", "tempo", "weight"]) == (
+        "term 'x': unknown option(s) ['tempr'] ('tempr' -> did you mean 'temp'?); accepted options: "
+        "['temp', 'tempo', 'weight']")
+    assert _unknown_options_message("term 'x'", ["zzz", "layr"], ["layer"]) == (
+        "term 'x': unknown option(s) ['zzz', 'layr'] ('layr' -> did you mean 'layer'?); accepted options: ['layer']")
+    assert _unknown_options_message("term 'x'", ["zzz"], ["layer"]) == (
+        "term 'x': unknown option(s) ['zzz']; accepted options: ['layer']")
+
+
+def test_the_built_hook_gets_the_distiller_and_its_config(plugin):
+    config = KDConfig(terms=[{"name": "test_mse"}])
+    distiller = Distiller(config, student=STUDENT, teacher=TEACHER)
+    assert plugin.built[-1][0] is distiller and plugin.built[-1][1] is distiller.config
+
+
+def test_the_plan_follows_fuse_task_loss():
+    for fuse, mode in ((True, StudentMode.FUSED_CE), (False, StudentMode.HOST)):
+        config = KDConfig(ce_weight=1.0, terms=[{"name": "dkd"}], fuse_task_loss=fuse)
+        plan = Distiller(config, student=STUDENT, teacher=TEACHER).plan(HostFacts(fusable_task_loss=True), step=2)
+        assert plan.student_mode is mode and plan.step == 2
