@@ -1,4 +1,4 @@
-"""The issue-6 ablation: what each distillation term buys on a real teacher, one command, resumable.
+"""The ablation of the terms: what each distillation term buys on a real teacher, one command, resumable.
 
     .venv/bin/python benchmarks/ablation.py                       # every row, seeds 0 1 2, defaults below
     .venv/bin/python benchmarks/ablation.py --steps 60 --seeds 0 --rows fkl dkd full
