@@ -150,6 +150,14 @@ def _run(args, load_models, load_corpus, load_domain) -> dict:
             clock.say(f"{name}: " + _bpc_line(results["static"][name]["bits_per_char"]))
             _write(path, results)
 
+    blocks: dict[str, tuple[list, float]] = {}  # per student: its training blocks, mean characters per block
+
+    def training_blocks(student: str, tokenizer) -> tuple[list, float]:
+        if student not in blocks:
+            rows = token_blocks(train_docs, tokenizer, block_size=args.block_size)
+            blocks[student] = rows, sum(len(tokenizer.decode(b)) for b in rows) / max(len(rows), 1)
+        return blocks[student]
+
     for seed in args.seeds:
         for student in STUDENTS:
             if any(r["student"] == student and r["seed"] == seed for r in results["runs"]):
@@ -159,8 +167,8 @@ def _run(args, load_models, load_corpus, load_domain) -> dict:
             clock.say(f"=== {student}, seed {seed}: {args.steps} steps x {args.batch_size} x {args.block_size} "
                       f"tokens ===")
             record = {"student": student, "seed": seed, **describe(model, tokenizer),
-                      **_train(model, tokenizer, kd, teacher, teacher_tok, train_docs, args, seed, out, clock,
-                                 freeze_embedding=student == "same vocabulary")}
+                      **_train(model, tokenizer, kd, teacher, teacher_tok, *training_blocks(student, tokenizer), args,
+                                 seed, out, clock, freeze_embedding=student == "same vocabulary")}
             record["bits_per_char"] = _score(model, tokenizer, texts)
             record["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             clock.say(f"{student}, seed {seed}: {record['steps']} steps in {record['train_cpu_seconds']:.0f} CPU-s; "
@@ -198,18 +206,17 @@ def summarize(results: dict) -> dict:
 # --- one run ----------------------------------------------------------------------------------------------------
 
 
-def _train(model, tokenizer, kd: dict, teacher, teacher_tok, train_docs, args, seed: int, out: Path, clock, *,
-           freeze_embedding: bool) -> dict:
+def _train(model, tokenizer, kd: dict, teacher, teacher_tok, blocks: list, chars_per_block: float, args, seed: int,
+           out: Path, clock, *, freeze_embedding: bool) -> dict:
     from transformers import set_seed
 
     from kd_plugins.integrations.trl import KDSFTTrainer, load_kd_config
-    from kd_plugins.recipes.data import lm_dataset, token_blocks
+    from kd_plugins.recipes.data import lm_dataset
     from kd_plugins.recipes.training import sft_config, time_limit_callback
 
     set_seed(seed)
     if freeze_embedding:
         model.get_input_embeddings().weight.requires_grad_(False)  # as the main job: tied embedding / head frozen
-    blocks = token_blocks(train_docs, tokenizer, block_size=args.block_size)
     sft = sft_config(str(out / "trainer"), steps=args.steps, batch_size=args.batch_size,
                      learning_rate=args.learning_rate, block_size=args.block_size, seed=seed)
     trainer = KDSFTTrainer(model=model, args=sft, train_dataset=lm_dataset(blocks), processing_class=tokenizer,
@@ -221,7 +228,6 @@ def _train(model, tokenizer, kd: dict, teacher, teacher_tok, train_docs, args, s
     logs = [log for log in trainer.state.log_history if "kd/transfer" in log]
     steps = trainer.state.global_step
     # characters covered by the blocks the run consumed (the sampler shuffles; the mean block length is used)
-    chars_per_block = sum(len(tokenizer.decode(b)) for b in blocks) / max(len(blocks), 1)
     return {"steps": steps, "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1),
             "train_chars": round(steps * args.batch_size * chars_per_block),
             "transfer_first": logs[0]["kd/transfer"] if logs else None,
