@@ -4,7 +4,8 @@
 each token's character range). For a student batch it rebuilds each row's text from the student's tokens, tokenises
 that text with the teacher's tokenizer and aligns the two by character offsets
 (:func:`kd_plugins.alignment_spans.align_offsets`), giving the teacher's inputs and the batch's
-:class:`~kd_plugins.alignment_spans.SpanAlignment`. :meth:`CrossTokenizer.encode` does the same from texts.
+:class:`~kd_plugins.alignment_spans.SpanAlignment`. :meth:`CrossTokenizer.encode` does the same from texts, and :meth:`CrossTokenizer.teacher_sequences` gives the
+teacher's ids of whole student sequences (what a cross-tokenizer teacher cache is written from and looked up by).
 
 The student's special tokens (BOS, EOS, chat-template markers) are left out of the rebuilt text and of every span;
 the teacher's tokenizer adds its own special tokens (``add_special_tokens=True``, its usual template).
@@ -119,6 +120,24 @@ class CrossTokenizer:
         device = input_ids.device
         return {k: v.to(device) for k, v in out.teacher.items()}, out.alignment.to(device)
 
+    def teacher_sequences(self, sequences: Sequence[Sequence[int]], *, batch_size: int = 64) -> list[list[int]]:
+        """The teacher's tokens of each student token sequence, as :meth:`teacher_batch` gives them to the teacher
+        during training (its special tokens included, padding left out): what a cross-tokenizer teacher cache
+        holds and looks up."""
+        out: list[list[int]] = []
+        for start in range(0, len(sequences), batch_size):
+            rows = [list(map(int, row)) for row in sequences[start : start + batch_size]]
+            width = max((len(r) for r in rows), default=0)
+            ids = torch.zeros(len(rows), max(width, 1), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for b, row in enumerate(rows):
+                ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+                mask[b, : len(row)] = 1
+            teacher, _ = self.teacher_batch({"input_ids": ids, "attention_mask": mask})
+            for row, row_mask in zip(teacher["input_ids"].tolist(), teacher["attention_mask"].tolist()):
+                out.append([i for i, m in zip(row, row_mask) if m])
+        return out
+
     # --- helpers ------------------------------------------------------------------------------------------
 
     def _student_text(self, ids: list[int], mask: list[bool]) -> tuple[str, list[tuple[int, int]]]:
@@ -219,20 +238,22 @@ def cross_tokenizer_for(
 
     Args:
         student_tokenizer, teacher_tokenizer: the two tokenizers, or None where unknown.
-        teacher_kind: ``"model"`` (a live teacher), ``"self"`` or ``"cache"`` -- only a live teacher can read its own
-            tokenization.
+        teacher_kind: ``"model"`` (a live teacher, or a cross-tokenizer cache: both read the teacher's own
+            tokenization), ``"self"`` or ``"cache"`` (a cache written on the student's tokens, refused).
         padding_free: the host packs rows without padding (``padding_free`` / ``packing``).
 
     Raises:
-        ConfigError: a tokenizer is unknown, the teacher is not a live model, or the batches are packed.
+        ConfigError: a tokenizer is unknown, the teacher is the student or a cache of the student's tokens, or the
+            batches are packed.
     """
     if teacher_kind == "self":
         raise ConfigError("cross_tokenizer: true with teacher='self': the student's own base reads the student's "
                           "tokens; drop cross_tokenizer")
     if teacher_kind == "cache":
-        raise ConfigError("cross_tokenizer: true with a teacher cache: a cache holds the teacher's outputs on the "
-                          "student's tokens, not on its own tokenization; use the live teacher (teacher=<model or "
-                          "path>)")
+        raise ConfigError("cross_tokenizer: true with a teacher cache written on the student's tokens: it holds the "
+                          "teacher's outputs on the student's tokenization, not on its own; write a cross-tokenizer "
+                          "cache (`kd-plugins cache-teacher --student_tokenizer PATH`, or cache_teacher(..., "
+                          "student_tokenizer=...)) or use the live teacher (teacher=<model or path>)")
     missing = [what for what, tok in (("the student's (the trainer's processing_class)", student_tokenizer),
                                       ("the teacher's (teacher_tokenizer=)", teacher_tokenizer)) if tok is None]
     if missing:

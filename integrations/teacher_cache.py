@@ -16,6 +16,12 @@ plus few-bit residuals with bit-packed ids and the tail mass stored explicitly (
 ``1 - tail``); ``hidden_codec`` stores hidden states as int8 / int4 with per-token scales and outlier channels, or
 fp8. Measured bytes and loss/retention costs: ``benchmarks/bench_cache_compression.py`` (docs: Results).
 
+**The full distribution; another tokenizer.** ``final_hidden=True`` also stores the teacher's final hidden states
+and, once, its LM head: a run then reads the teacher's whole next-token distribution from the cache.
+``student_tokenizer=`` writes a cross-tokenizer cache: the examples are the student's token ids, and the cache holds
+the teacher's outputs on its own tokenization of each example's text (the ids a ``cross_tokenizer: true`` step gives
+the teacher), with the teacher's tokenizer saved beside them.
+
 **Several processes.** Under ``torchrun`` each rank writes the shards of a rank-strided share of the examples
 and rank 0 merges the index; the cache reads like a single process's (:func:`cache_teacher`).
 
@@ -52,7 +58,12 @@ __all__ = ["TeacherCache", "TeacherCacheError", "cache_teacher", "tokenizer_hash
 
 MANIFEST = "manifest.json"
 INDEX = "index.json"
-FORMAT_VERSIONS = (1, 2)  # 2: compressed log-probs or hidden states (a reader of format 1 only refuses them)
+LM_HEAD = "lm_head.safetensors"
+TEACHER_TOKENIZER = "teacher_tokenizer"
+FINAL_HIDDEN = "final_hidden"
+# 2: compressed log-probs or hidden states; 3: final hidden states + LM head, or a cross-tokenizer cache (a reader of
+# an older format refuses what it cannot read)
+FORMAT_VERSIONS = (1, 2, 3)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -74,6 +85,8 @@ def cache_teacher(
     dtype: str = "bfloat16",
     logprob_bits: int | None = None,
     hidden_codec: str | None = None,
+    final_hidden: bool = False,
+    student_tokenizer: Any = None,
     shard_tokens: int = 1 << 18,
     teacher_id: str | None = None,
     batch_size: int = 8,
@@ -102,6 +115,18 @@ def cache_teacher(
             default): fp32 log-probs and int32 ids.
         hidden_codec: compress the hidden states: ``int8`` / ``int4`` (per-token scale, 4 outlier channels in
             fp16) or ``fp8`` (``float8_e4m3fn``, per-token scale). None (the default): stored in ``dtype``.
+        final_hidden: also store the teacher's final hidden states (after the final norm, in ``dtype`` or
+            ``hidden_codec``) and, once, its LM head (``lm_head.safetensors``), so that a run reads the teacher's
+            full next-token distribution from the cache (the LM head applied to the stored states), not only the
+            top-k: what the cross-vocabulary logit terms (``uld``, ``cross_vocab_kd``) need; a logit term of one
+            vocabulary then uses the full distribution too. Costs ``hidden_size`` values per token.
+        student_tokenizer: write a **cross-tokenizer** cache (``KDConfig.cross_tokenizer``): ``dataset_or_blocks``
+            holds the *student's* token ids and ``tokenizer`` is the teacher's (a fast tokenizer). Each example's
+            text is rebuilt and tokenised with the teacher's tokenizer exactly as a cross-tokenizer run does at
+            every step (:meth:`~kd_plugins.integrations.cross_tokenizer.CrossTokenizer.teacher_sequences`); the
+            teacher runs on those ids and the cache holds its outputs on its own tokens, looked up by them. The
+            teacher's tokenizer is saved in the cache (``teacher_tokenizer/``) and both tokenizers' hashes in the
+            manifest. ``num_tokens`` and bytes per token then count the teacher's tokens.
         shard_tokens: tokens per safetensors shard (whole examples; a shard may exceed it by one example).
         teacher_id: name recorded in the manifest (default: the model's ``name_or_path``).
         batch_size: examples per teacher forward (examples of equal length are batched together).
@@ -117,6 +142,9 @@ def cache_teacher(
         raise ValueError(f"dtype={dtype!r} and hidden_codec={hidden_codec!r} both set how hidden states are stored; "
                          "pass one of them")
     examples = _as_blocks(dataset_or_blocks)
+    rows_of = examples  # the token ids the teacher reads: the examples, or their teacher tokenization
+    if student_tokenizer is not None:
+        rows_of = _cross_tokenizer(student_tokenizer, tokenizer).teacher_sequences(examples)
     model = unwrap_model(teacher_model)
     info = ModelInfo.from_config(model.config, name=teacher_id or getattr(model.config, "name_or_path", "") or "teacher")
     if not 1 <= k <= info.vocab_size:
@@ -136,8 +164,10 @@ def cache_teacher(
 
     mine = list(range(rank, len(examples), world))
     try:
-        entries, shards = _write_shards(model, info, examples, mine, out, rank=rank, world=world, k=k,
+        mine = [i for i in mine if rows_of[i]]  # a row of special tokens only has no teacher tokens to look up
+        entries, shards = _write_shards(model, info, rows_of, mine, out, rank=rank, world=world, k=k,
                                         layer_ids=layer_ids, topk_codec=topk_codec, layer_codec=layer_codec,
+                                        final_hidden=final_hidden,
                                         shard_tokens=shard_tokens, batch_size=batch_size, chunk_size=chunk_size,
                                         progress=progress and rank == 0)
         if world > 1:
@@ -160,8 +190,9 @@ def cache_teacher(
             entries.sort(key=lambda entry: entry[0])
         scale, softcap = logit_postprocessing(model)
         compressed = topk_codec.name != "float32" or not isinstance(layer_codec, RawHidden)
+        cross = student_tokenizer is not None
         manifest = {
-            "format_version": 2 if compressed else 1,
+            "format_version": 3 if final_hidden or cross else 2 if compressed else 1,
             "teacher_id": info.name,
             "teacher_info": {f: getattr(info, f) for f in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
                                                            "head_dim", "vocab_size")},
@@ -175,12 +206,18 @@ def cache_teacher(
             "hidden_codec": layer_codec.manifest(),
             "logit_scale": scale,
             "logit_softcap": softcap,
+            "final_hidden": final_hidden,
+            "student_tokenizer_hash": tokenizer_hash(student_tokenizer) if cross else None,
             "num_examples": len(examples),
-            "num_tokens": sum(len(e) for e in examples),
+            "num_tokens": sum(len(rows_of[i]) for i in range(len(examples))),
             "world_size": world,
             "kd_plugins_version": _version(),
             "shards": shards,
         }
+        if final_hidden:
+            manifest["lm_head"] = _save_lm_head(model, out)
+        if cross:
+            tokenizer.save_pretrained(str(out / TEACHER_TOKENIZER))
         (out / INDEX).write_text(json.dumps({"examples": entries}))
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
         for r in range(world if world > 1 else 0):
@@ -193,7 +230,7 @@ def cache_teacher(
 
 
 def _write_shards(model, info, examples, mine, out, *, rank, world, k, layer_ids, topk_codec, layer_codec,
-                  shard_tokens, batch_size, chunk_size, progress):
+                  final_hidden, shard_tokens, batch_size, chunk_size, progress):
     """Run the teacher over ``examples[i] for i in mine`` and write their rows; returns (index entries, shards)."""
     from safetensors.torch import save_file
 
@@ -252,6 +289,9 @@ def _write_shards(model, info, examples, mine, out, *, rank, world, k, layer_ids
                     for layer in layer_ids:
                         encoded = layer_codec.encode(teacher.hidden_states[layer][b].cpu())
                         rows.update({f"hidden.{layer}{suffix}": t for suffix, t in encoded.items()})
+                    if final_hidden:
+                        encoded = layer_codec.encode(teacher.final_hidden[b].cpu())
+                        rows.update({f"{FINAL_HIDDEN}{suffix}": t for suffix, t in encoded.items()})
                     results[i] = rows
                 done += ids.numel()
                 if progress:
@@ -273,6 +313,31 @@ def _write_shards(model, info, examples, mine, out, *, rank, world, k, layer_ids
     if progress:
         print(file=sys.stderr)
     return entries, shards
+
+
+def _cross_tokenizer(student_tokenizer: Any, teacher_tokenizer: Any):
+    """The :class:`~kd_plugins.integrations.cross_tokenizer.CrossTokenizer` a cross-tokenizer cache is written with."""
+    from kd_plugins.integrations.cross_tokenizer import CrossTokenizer
+
+    if teacher_tokenizer is None:
+        raise ValueError("student_tokenizer= writes a cross-tokenizer cache and needs the teacher's tokenizer as "
+                         "tokenizer= (to tokenise each example's text as the teacher does)")
+    if tokenizer_hash(student_tokenizer) == tokenizer_hash(teacher_tokenizer):
+        raise ValueError("student_tokenizer= is the teacher's tokenizer (same vocabulary and special tokens): the "
+                         "teacher reads the student's ids as they are; drop student_tokenizer= for a plain cache")
+    return CrossTokenizer(student_tokenizer, teacher_tokenizer)
+
+
+def _save_lm_head(model: torch.nn.Module, out: Path) -> dict[str, str]:
+    """Write the teacher's LM head (weight, and bias where it has one) once; returns its manifest record."""
+    from safetensors.torch import save_file
+
+    weight, bias = lm_head_parameters(model.get_output_embeddings())
+    tensors = {"weight": weight.detach().cpu().contiguous().clone()}
+    if bias is not None:
+        tensors["bias"] = bias.detach().cpu().contiguous().clone()
+    save_file(tensors, str(out / LM_HEAD))
+    return {"file": LM_HEAD, "sha256": _sha256(out / LM_HEAD), "dtype": str(tensors["weight"].dtype)}
 
 
 def _rank_index(rank: int) -> str:
@@ -372,11 +437,19 @@ class TeacherCache:
         for name in self.manifest["shards"]:
             if not (self.path / name).is_file():
                 raise TeacherCacheError(f"{self.path}: shard {name} is missing; rebuild the cache")
+        head = self.manifest.get("lm_head")
+        files = dict(self.manifest["shards"], **({head["file"]: head["sha256"]} if head else {}))
+        if head and not (self.path / head["file"]).is_file():
+            raise TeacherCacheError(f"{self.path}: {head['file']} (the teacher's LM head) is missing; rebuild the cache")
+        if self.cross_tokenizer and not (self.path / TEACHER_TOKENIZER).is_dir():
+            raise TeacherCacheError(f"{self.path}: {TEACHER_TOKENIZER}/ (the teacher's tokenizer of this "
+                                    "cross-tokenizer cache) is missing; rebuild the cache")
         if verify_shards:
-            for name, digest in self.manifest["shards"].items():
+            for name, digest in files.items():
                 if _sha256(self.path / name) != digest:
                     raise TeacherCacheError(f"{self.path}: shard {name} is corrupt (SHA-256 differs from the "
                                             "manifest); rebuild the cache")
+        self._lm_head: dict[str, Tensor] | None = None
         self._by_key: dict[str, int] = {}
         for position, (example_id, _, _, _, key) in enumerate(self._index):
             self._by_key.setdefault(key, position)
@@ -391,6 +464,40 @@ class TeacherCache:
     @property
     def layers(self) -> list[int]:
         return list(self.manifest["layers"])
+
+    @property
+    def final_hidden(self) -> bool:
+        """The cache holds the teacher's final hidden states and LM head (``cache_teacher(final_hidden=True)``)."""
+        return bool(self.manifest.get("final_hidden"))
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """The cache holds the teacher's outputs on its own tokenization of the student's examples
+        (``cache_teacher(student_tokenizer=...)``): a run reads it with ``cross_tokenizer: true``."""
+        return self.manifest.get("student_tokenizer_hash") is not None
+
+    def teacher_tokenizer(self) -> Any:
+        """The teacher's tokenizer saved in a cross-tokenizer cache (None in a plain cache)."""
+        if not self.cross_tokenizer:
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.path / TEACHER_TOKENIZER))
+
+    def check_tokenizers(self, student_tokenizer: Any, teacher_tokenizer: Any) -> None:
+        """Refuse a cross-tokenizer run whose tokenizers are not the ones this cache was written with.
+
+        Raises:
+            TeacherCacheError: names the tokenizer that differs and its two hashes.
+        """
+        for role, tok, recorded in (("student", student_tokenizer, self.manifest.get("student_tokenizer_hash")),
+                                    ("teacher", teacher_tokenizer, self.manifest["tokenizer_hash"])):
+            if tok is not None and recorded is not None and tokenizer_hash(tok) != recorded:
+                raise TeacherCacheError(
+                    f"teacher cache {self.path} was written for another {role} tokenizer (hash {recorded[:12]}... != "
+                    f"{tokenizer_hash(tok)[:12]}...; the hash covers the vocabulary and the special tokens): the "
+                    f"teacher's tokens it holds are not the ones this run would look up; rebuild it with this run's "
+                    "tokenizers (`kd-plugins cache-teacher --student_tokenizer PATH`)")
 
     def __len__(self) -> int:
         return int(self.manifest["num_examples"])
@@ -425,7 +532,15 @@ class TeacherCache:
         self.check_requirements(requirements)
 
     def check_requirements(self, requirements: Requirements) -> None:
-        """Refuse a distillation setup the cache cannot serve (teacher q/k/v, layers not cached)."""
+        """Refuse a distillation setup the cache cannot serve (teacher q/k/v, layers not cached, the full
+        distribution of a cross-tokenizer cache without final hidden states)."""
+        if requirements.final_hidden and self.cross_tokenizer and not self.final_hidden:
+            raise TeacherCacheError(
+                f"teacher cache {self.path} holds the teacher's top-k log-probs only, but the cross-vocabulary logit "
+                "terms (uld, cross_vocab_kd) need its full next-token distribution (they sort it, or restrict it to "
+                "the shared tokens); rebuild the cache with its final hidden states (`kd-plugins cache-teacher "
+                "--final_hidden`, cache_teacher(..., final_hidden=True)) or use span terms only (contrastive, mse, "
+                "cosine)")
         if requirements.teacher_qkv_layers:
             raise TeacherCacheError(
                 f"teacher cache {self.path} holds no q/k/v projections, but a configured term (attention relation) "
@@ -434,19 +549,31 @@ class TeacherCache:
         self.validate(layers=requirements.teacher_layers)
 
     def example(self, index: int) -> dict[str, Tensor]:
-        """The cached rows of example ``index`` (dataset order), decoded: ``input_ids (L,)``, ``topk_logprobs
-        (L, k)`` float32, ``topk_indices (L, k)`` and ``hidden.<layer> (L, H)``."""
+        """The cached rows of example ``index`` (dataset order), decoded: ``input_ids (L,)`` (the teacher's ids in a
+        cross-tokenizer cache), ``topk_logprobs (L, k)`` float32, ``topk_indices (L, k)``, ``hidden.<layer> (L, H)``
+        and, when stored, ``final_hidden (L, H)``."""
         if index not in self._by_example:
             raise IndexError(f"example {index} is not in the teacher cache ({len(self)} examples)")
-        return self._rows(self._by_example[index], self.layers)
+        return self._rows(self._by_example[index], self.layers, final_hidden=self.final_hidden)
+
+    def lm_head(self) -> dict[str, Tensor]:
+        """The teacher's LM head stored with the final hidden states: ``weight (V, H)`` and maybe ``bias (V,)``."""
+        if not self.final_hidden:
+            raise TeacherCacheError(f"teacher cache {self.path} holds no final hidden states or LM head; rebuild it "
+                                    "with --final_hidden")
+        if self._lm_head is None:
+            from safetensors.torch import load_file
+
+            self._lm_head = load_file(str(self.path / self.manifest["lm_head"]["file"]))
+        return self._lm_head
 
     def logit_bytes_per_token(self) -> float:
         """Stored bytes per token of the top-k part (log-probs and ids, the token's own id not included)."""
         return self._topk_codec.bytes_per_token()
 
     def hidden_bytes_per_token(self) -> float:
-        """Stored bytes per token of the hidden states (all cached layers)."""
-        return self._hidden_codec.bytes_per_token() * len(self.layers)
+        """Stored bytes per token of the hidden states (all cached layers, and the final ones when stored)."""
+        return self._hidden_codec.bytes_per_token() * (len(self.layers) + self.final_hidden)
 
     @property
     def info(self) -> ModelInfo:
@@ -469,9 +596,11 @@ class TeacherCache:
             TeacherCacheError: a row (sequence) is not in the cache -- another dataset, or the trainer
                 truncated or changed the examples (e.g. ``max_length`` shorter than the cached examples).
         """
+        final = False
         if requirements is not None:
             self.check_requirements(requirements)
             layers = requirements.teacher_layers
+            final = requirements.final_hidden and self.final_hidden
         input_ids = inputs["input_ids"]
         batch, length = input_ids.shape
         device = input_ids.device
@@ -481,6 +610,8 @@ class TeacherCache:
         indices = torch.arange(k, device=device).expand(batch, length, k).clone()
         hidden = {layer: torch.zeros(batch, length, self.model_info.hidden_size, device=device,
                                      dtype=dtype or torch.float32) for layer in layer_ids}
+        final_hidden = torch.zeros(batch, length, self.model_info.hidden_size, device=device,
+                                   dtype=dtype or torch.float32) if final else None
         for b, start, stop in _segments(inputs):
             ids = input_ids[b, start:stop].to(torch.int32).cpu()
             key = _content_key(ids)
@@ -489,20 +620,28 @@ class TeacherCache:
                     f"batch row {b} (tokens {start}:{stop}) is not in teacher cache {self.path}: the data differ "
                     "from the cached dataset, or the trainer truncated/changed the examples (check max_length)"
                 )
-            rows = self._rows(self._by_key[key], layer_ids)
+            rows = self._rows(self._by_key[key], layer_ids, final_hidden=final)
             if not torch.equal(rows["input_ids"], ids):  # hash collision guard
                 raise TeacherCacheError(f"batch row {b}: cached tokens differ from the batch (corrupt cache?)")
             logprobs[b, start:stop] = rows["topk_logprobs"].to(device=device, dtype=torch.float32)
             indices[b, start:stop] = rows["topk_indices"].to(device=device, dtype=torch.long)
             for layer in layer_ids:
                 hidden[layer][b, start:stop] = rows[f"hidden.{layer}"].to(device=device, dtype=hidden[layer].dtype)
+            if final:
+                final_hidden[b, start:stop] = rows[FINAL_HIDDEN].to(device=device, dtype=final_hidden.dtype)
         capture = ModelCapture(info=self.model_info, hidden_states=hidden, topk_logprobs=logprobs,
                                topk_indices=indices)
+        if final:  # the full distribution: the stored final states through the stored LM head
+            head = self.lm_head()
+            capture.final_hidden = final_hidden
+            capture.lm_head_weight = head["weight"].to(device=device, dtype=final_hidden.dtype)
+            capture.lm_head_bias = None if "bias" not in head else head["bias"].to(device=device,
+                                                                                   dtype=final_hidden.dtype)
         capture.logit_scale = float(self.manifest.get("logit_scale") or 1.0)
         capture.logit_softcap = self.manifest.get("logit_softcap")
         return capture
 
-    def _rows(self, position: int, layers: Iterable[int]) -> dict[str, Tensor]:
+    def _rows(self, position: int, layers: Iterable[int], *, final_hidden: bool = False) -> dict[str, Tensor]:
         """The decoded rows of one sequence: its ids, its top-k and the hidden states of ``layers`` only (a step
         reads no hidden states of layers it does not use)."""
         from safetensors import safe_open
@@ -523,6 +662,9 @@ class TeacherCache:
         for layer in layers:
             rows[f"hidden.{layer}"] = self._hidden_codec.decode(
                 {suffix: read(f"hidden.{layer}{suffix}") for suffix in self._hidden_codec.suffixes()})
+        if final_hidden:
+            rows[FINAL_HIDDEN] = self._hidden_codec.decode(
+                {suffix: read(f"{FINAL_HIDDEN}{suffix}") for suffix in self._hidden_codec.suffixes()})
         return rows
 
     def missing_rows(self, rows: Any) -> list[int]:
@@ -638,6 +780,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="compress the top-k: residual bits per log-prob (8, 4, 2); default: fp32 log-probs")
     parser.add_argument("--hidden_codec", default=None, choices=[c for c in HIDDEN_CODECS if c not in _DTYPES],
                         help="compress the hidden states (int8 / int4 with per-token scales, fp8); default: --dtype")
+    parser.add_argument("--final_hidden", action="store_true",
+                        help="also store the teacher's final hidden states and its LM head: the full next-token "
+                             "distribution, which the cross-vocabulary logit terms (uld, cross_vocab_kd) need")
+    parser.add_argument("--student_tokenizer", default=None,
+                        help="write a cross-tokenizer cache for a student with this tokenizer (a folder): --data "
+                             "holds the student's token ids, the teacher reads its own tokenization of each example")
     parser.add_argument("--block_size", type=int, default=128, help="tokens per example for --data pydoc_topics")
     parser.add_argument("--max_blocks", type=int, default=None, help="only the first blocks (pydoc_topics)")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -662,14 +810,22 @@ def _run_cli(args: Any) -> int:
             problem = str(exc)
         _agree(problem, rank, world)  # every rank refuses the same input, none is left waiting at a collective
         model, tokenizer, teacher_id = _load_teacher(args.teacher)
-        data = _load_data(args, tokenizer)
+        student_tokenizer = None
+        if args.student_tokenizer is not None:
+            from transformers import AutoTokenizer
+
+            student_tokenizer = AutoTokenizer.from_pretrained(args.student_tokenizer)
+        data = _load_data(args, student_tokenizer or tokenizer)  # the examples are the student's token ids
         cache = cache_teacher(model, tokenizer, data, args.out, k=args.k, layers=args.layers, dtype=args.dtype,
                               logprob_bits=args.logprob_bits, hidden_codec=args.hidden_codec,
+                              final_hidden=args.final_hidden, student_tokenizer=student_tokenizer,
                               shard_tokens=args.shard_tokens, teacher_id=teacher_id, batch_size=args.batch_size)
         if rank == 0:
             ranks = f" by {world} ranks" if world > 1 else ""
-            print(f"wrote {len(cache)} examples, {cache.manifest['num_tokens']} tokens to {cache.path}{ranks}: "
-                  f"{cache.bytes_per_token():.1f} bytes/token (k={cache.k}, layers={cache.layers}, "
+            tokens = "teacher tokens (cross-tokenizer cache)" if cache.cross_tokenizer else "tokens"
+            final = ", final hidden states + LM head" if cache.final_hidden else ""
+            print(f"wrote {len(cache)} examples, {cache.manifest['num_tokens']} {tokens} to {cache.path}{ranks}: "
+                  f"{cache.bytes_per_token():.1f} bytes/token (k={cache.k}, layers={cache.layers}{final}, "
                   f"log-probs {cache.manifest['logprob_codec']}, hidden states {cache.manifest['hidden_codec']})")
     finally:
         if started_group:
@@ -750,6 +906,10 @@ def _check_cli_inputs(args: Any) -> None:
                                         "such as [[1, 2, 3], [4, 5]]")
     if args.k < 1:
         raise TeacherCacheError(f"--k {args.k} is invalid; expected an integer >= 1")
+    if args.student_tokenizer is not None and not Path(args.student_tokenizer).is_dir():
+        raise TeacherCacheError(f"--student_tokenizer {args.student_tokenizer!r} is not a folder "
+                                f"({Path(args.student_tokenizer).resolve()}); pass the folder the student's tokenizer "
+                                "was saved in (tokenizer.save_pretrained(DIR))")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TeacherCacheError(f"--out {args.out!r} exists and is not an empty folder; choose a new directory")

@@ -222,7 +222,7 @@ class KDTrainerMixin:
                                    cross_tokenizer=cross)
         try:
             source.prepare(req)
-            setup.teacher = self._kd_check_cache_coverage(source, req)
+            setup.teacher = self._kd_check_cache_coverage(source, req, cross)
             setup.shared_params = _shared_params(student, config.shared_params)
         except BaseException:
             setup.close()
@@ -296,16 +296,27 @@ class KDTrainerMixin:
     def _kd_cross_tokenizer(self, source: TeacherSource, teacher: Any, teacher_tokenizer: Any,
                             config: KDConfig) -> CrossTokenizer | None:
         """With ``cross_tokenizer: true``: the :class:`CrossTokenizer` that gives the teacher its own tokenization
-        (None when both tokenizers are one); see :mod:`kd_plugins.integrations.cross_tokenizer`."""
+        (None when both tokenizers are one); see :mod:`kd_plugins.integrations.cross_tokenizer`. A cross-tokenizer
+        teacher cache reads like a live teacher: its tokenizer is the one saved in it (or ``teacher_tokenizer=``),
+        and both tokenizers must be the ones it was written with."""
         if not config.cross_tokenizer:
             return None
+        from kd_plugins.integrations.teacher_cache import TeacherCache
+
+        student_tokenizer = tokenizer_of(getattr(self, "processing_class", None))
         kind = "self" if isinstance(source, LiveTeacher) and source.is_self else (
             "model" if isinstance(source, LiveTeacher) else "cache")
+        if kind == "model":
+            teacher_tokenizer = teacher_tokenizer_of(teacher, teacher_tokenizer)
+        elif isinstance(source, TeacherCache) and source.cross_tokenizer:
+            teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else source.teacher_tokenizer()
+            source.check_tokenizers(student_tokenizer, teacher_tokenizer)
+            kind = "model"  # the cache holds the teacher's outputs on its own tokenization
+        else:
+            teacher_tokenizer = None
         args = getattr(self, "args", None)
         padding_free = bool(getattr(args, "padding_free", False) or getattr(args, "packing", False))
-        return cross_tokenizer_for(tokenizer_of(getattr(self, "processing_class", None)),
-                                   teacher_tokenizer_of(teacher, teacher_tokenizer) if kind == "model" else None,
-                                   teacher_kind=kind, padding_free=padding_free)
+        return cross_tokenizer_for(student_tokenizer, teacher_tokenizer, teacher_kind=kind, padding_free=padding_free)
 
     def _kd_shared_vocabulary(self, source: TeacherSource, teacher: Any, teacher_tokenizer: Any,
                               student_info: ModelInfo, teacher_info: ModelInfo, *, needs_logits: bool) -> int | None:
@@ -330,6 +341,11 @@ class KDTrainerMixin:
         from kd_plugins.integrations.vocabulary import CROSS_TOKENIZER_NOT_CONFIGURED
 
         recorded = cache.manifest.get("tokenizer_hash", "none")
+        if cache.cross_tokenizer:
+            raise IncompatibleModelsError(
+                f"teacher cache {cache.path} is a cross-tokenizer cache (it holds the teacher's outputs on its own "
+                "tokenization of the examples), but the KD config does not set cross_tokenizer: true; set it, with "
+                "terms that compare aligned spans")
         if student_tokenizer is not None and recorded != "none" and tokenizer_hash(student_tokenizer) != recorded:
             raise IncompatibleModelsError(
                 f"teacher cache {cache.path} was built with another tokenizer than the student's (tokenizer hash "
@@ -346,9 +362,11 @@ class KDTrainerMixin:
             )
         return None
 
-    def _kd_check_cache_coverage(self, source: TeacherSource, requirements: Requirements) -> TeacherSource:
+    def _kd_check_cache_coverage(self, source: TeacherSource, requirements: Requirements,
+                                 cross: CrossTokenizer | None = None) -> TeacherSource:
         """A teacher cache must hold every training row before the first step (see
-        :mod:`kd_plugins.integrations.cache_coverage`)."""
+        :mod:`kd_plugins.integrations.cache_coverage`): with ``cross``, each row's teacher tokenization, the ids the
+        steps will look up (the student's special tokens, such as an appended EOS, are not part of it)."""
         from kd_plugins.integrations.teacher_cache import TeacherCache
 
         if not isinstance(source, TeacherCache):
@@ -358,6 +376,10 @@ class KDTrainerMixin:
             logger.warning("kd_plugins: the training data cannot be listed up front (an iterable dataset?), so the "
                            "teacher cache is checked batch by batch")
             return source
+        if cross is not None:
+            rows = [row for row in cross.teacher_sequences(sequences) if row]  # a row of special tokens: none
+            return check_cache_covers(source, rows, eos_token_id=None,
+                                      requirements=requirements)
         tokenizer = tokenizer_of(getattr(self, "processing_class", None))
         eos = None if tokenizer is None else tokenizer.eos_token_id
         return check_cache_covers(source, sequences, eos_token_id=eos, requirements=requirements)

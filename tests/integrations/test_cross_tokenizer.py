@@ -102,7 +102,9 @@ def test_the_checks_of_a_cross_tokenizer_run():
     student, teacher = byte_bpe(), wordpiece()
     assert isinstance(cross_tokenizer_for(student, teacher), CrossTokenizer)
     assert cross_tokenizer_for(student, byte_bpe()) is None  # one tokenizer: nothing to align
-    with pytest.raises(ConfigError, match="with a teacher cache: a cache holds the teacher's outputs on the student's"):
+    with pytest.raises(ConfigError, match=r"with a teacher cache written on the student's tokens: it holds the "
+                                          r"teacher's outputs on the student's tokenization, not on its own; write a "
+                                          r"cross-tokenizer cache"):
         cross_tokenizer_for(student, None, teacher_kind="cache")
     with pytest.raises(ConfigError, match=r"the student's \(the trainer's processing_class\) tokenizer is unknown"):
         cross_tokenizer_for(None, teacher)
