@@ -4,13 +4,16 @@
     .venv/bin/python benchmarks/mutation.py --target config      # one target (repeatable)
     .venv/bin/python benchmarks/mutation.py --target functional --module kd_plugins/functional/sparse.py
     .venv/bin/python benchmarks/mutation.py --report-only        # rewrite the reports from the stored results
+    .venv/bin/python benchmarks/mutation.py --target functional --recheck --label after   # survivors only, new tests
 
 Each target is a set of modules and the tests that cover them. It is mutated in its own work folder (default
 ``/tmp/kd_plugins_mutation/<target>``), a copy of ``kd_plugins/`` and ``tests/``: the checkout is never touched,
 so the suite can run beside it. ``kd_plugins.integrations`` and ``kd_plugins.recipes`` (mapped to ``integrations/``
 and ``recipes/`` by pyproject's package-dir) are not mutated and are imported from the checkout. Runs resume: a
 second call tests only the mutants without a result (mutmut keeps them in the work folder) as long as the tests
-are unchanged; a change to any file under ``tests/`` (or ``--fresh``) starts the target over. mutmut picks, for every mutant, the tests that reached the mutated function.
+are unchanged; a change to any file under ``tests/`` (or ``--fresh``) starts the target over, except with
+``--recheck``, which keeps every stored result and runs only the survivors against the current tests (adding tests
+can only kill more mutants; a test that was weakened needs a full run). mutmut picks, for every mutant, the tests that reached the mutated function.
 
 Writes ``docs/results/mutation.json`` (per target and module: killed, survived, timeout, no-tests, score, and the
 surviving mutants with their diffs) and ``docs/results/mutation.md``. The score is
@@ -42,9 +45,10 @@ TARGETS: dict[str, tuple[list[str], list[str]]] = {
     "functional": (
         ["kd_plugins/functional/_common.py", "kd_plugins/functional/chunked.py", "kd_plugins/functional/kernels.py",
          "kd_plugins/functional/logit.py", "kd_plugins/functional/sparse.py", "kd_plugins/functional/fused.py",
-         "kd_plugins/functional/alignment.py"],
-        ["tests/test_functional_logit.py", "tests/test_functional_sparse.py", "tests/test_functional_fused_ce.py",
-         "tests/test_functional_alignment.py", "tests/test_properties.py"],
+         "kd_plugins/functional/alignment.py", "kd_plugins/functional/cross_vocab.py"],
+        ["tests/test_functional_logit.py", "tests/test_cross_vocab.py", "tests/test_functional_sparse.py", "tests/test_functional_fused_ce.py",
+         "tests/test_functional_alignment.py", "tests/test_properties.py",
+         "tests/test_functional_contracts.py"],
     ),
     "distiller": (["kd_plugins/distiller.py"],
                   ["tests/test_distiller.py", "tests/test_distiller_state.py", "tests/test_bad_input.py", "tests/test_dynamic_schedulers.py",
@@ -65,6 +69,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/kd_plugins_mutation"))
     parser.add_argument("--jobs", type=int, default=1, help="mutmut's parallel children")
     parser.add_argument("--fresh", action="store_true", help="discard stored results of the targets run")
+    parser.add_argument("--recheck", action="store_true",
+                        help="keep the stored results and run again only the mutants that survived (or had no "
+                             "tests), against the checkout's current tests: new tests can only kill more mutants")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the reports from stored results")
     parser.add_argument("--label", default="current", help="name of this run in the reports (e.g. before, after)")
     parser.add_argument("--no-diffs", action="store_true", help="list surviving mutants by name only (faster)")
@@ -85,12 +92,21 @@ def main(argv=None) -> int:
             continue
         work = args.work_dir / target
         if not args.report_only:
-            _prepare(work, present, tests, fresh=args.fresh)
+            survivors = _survivor_names(work, present) if args.recheck else []
+            if args.recheck and not survivors:
+                print(f"[{target}] nothing to recheck: no stored survivors in {work} (run without --recheck first)")
+                continue
+            if args.recheck:  # mutmut forgets the results of the mutants it is not asked to run: keep them
+                _save_snapshot(work)
+            _prepare(work, present, tests, fresh=args.fresh, keep=args.recheck)
             started = time.monotonic()
-            _mutmut(work, "run", "--max-children", str(args.jobs))
+            _mutmut(work, "run", "--max-children", str(args.jobs), *survivors)
             print(f"[{target}] mutmut run took {time.monotonic() - started:.0f} s")
-        run[target] = _collect(work, present, tests, diffs=not args.no_diffs)
-        _print_summary(target, run[target])
+        result = _collect(work, present, tests, diffs=not args.no_diffs)
+        if args.module and target in run:  # a partial run updates its modules and keeps the label's others
+            result["modules"] = {**run[target]["modules"], **result["modules"]}
+        run[target] = result
+        _print_summary(target, result)
     RESULTS.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     (RESULTS / "mutation.md").write_text(_markdown(report))
@@ -101,13 +117,14 @@ def main(argv=None) -> int:
 # --- the work folder -------------------------------------------------------------------------------------------
 
 
-def _prepare(work: Path, modules: list[str], tests: list[str], *, fresh: bool) -> None:
-    """A copy of kd_plugins/ and tests/ with a pyproject holding this target's mutmut and pytest settings."""
+def _prepare(work: Path, modules: list[str], tests: list[str], *, fresh: bool, keep: bool = False) -> None:
+    """A copy of kd_plugins/ and tests/ with a pyproject holding this target's mutmut and pytest settings. Stored
+    results are discarded when a test file changed, unless ``keep`` (a recheck of the survivors)."""
     digest = hashlib.sha256()
     for path in sorted((REPO / "tests").rglob("*.py")):  # every test file: conftest and helpers matter too
         digest.update(path.read_bytes())
     stamp = work / "tests.sha256"
-    if work.exists() and (fresh or not stamp.exists() or stamp.read_text() != digest.hexdigest()):
+    if work.exists() and not keep and (fresh or not stamp.exists() or stamp.read_text() != digest.hexdigest()):
         shutil.rmtree(work)  # stored results are only valid for the tests that produced them
     work.mkdir(parents=True, exist_ok=True)
     stamp.write_text(digest.hexdigest())
@@ -128,6 +145,30 @@ def _prepare(work: Path, modules: list[str], tests: list[str], *, fresh: bool) -
     )
 
 
+SNAPSHOT = "statuses.json"  # the results before a --recheck, which mutmut resets for the mutants it does not run
+
+
+def _statuses(work: Path) -> dict[str, str]:
+    """Every mutant's status: mutmut's stored results over the snapshot taken before a recheck."""
+    snapshot = work / SNAPSHOT
+    statuses = json.loads(snapshot.read_text()) if snapshot.exists() else {}
+    for meta in (work / "mutants").rglob("*.meta"):
+        for name, code in json.loads(meta.read_text()).get("exit_code_by_key", {}).items():
+            if code is not None or name not in statuses:
+                statuses[name] = "not run" if code is None else STATUS.get(code, "suspicious")
+    return statuses
+
+
+def _save_snapshot(work: Path) -> None:
+    (work / SNAPSHOT).write_text(json.dumps({n: s for n, s in _statuses(work).items() if s != "not run"}))
+
+
+def _survivor_names(work: Path, modules: list[str]) -> list[str]:
+    """The stored mutants of ``modules`` that survived or had no tests."""
+    dotted = tuple(m[:-3].replace("/", ".") + "." for m in modules)
+    return sorted(n for n, s in _statuses(work).items() if n.startswith(dotted) and s in ("survived", "no tests"))
+
+
 def _mutmut(work: Path, *arguments: str, capture: bool = False) -> str:
     env = {**os.environ, "KD_PLUGINS_DISABLE_AUTOLOAD": "1", "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     command = ["nice", "-n", "5", sys.executable, "-m", "mutmut", *arguments]
@@ -142,11 +183,7 @@ def _mutmut(work: Path, *arguments: str, capture: bool = False) -> str:
 
 def _collect(work: Path, modules: list[str], tests: list[str], *, diffs: bool = True) -> dict:
     """Per module: counts by status and the surviving mutants with their diffs, from mutmut's stored results."""
-    statuses: dict[str, str] = {}
-    for meta in (work / "mutants").rglob("*.meta"):
-        data = json.loads(meta.read_text())
-        for name, code in data.get("exit_code_by_key", {}).items():
-            statuses[name] = "not run" if code is None else STATUS.get(code, "suspicious")
+    statuses = _statuses(work)
     per_module: dict[str, dict] = {}
     for module in modules:
         dotted = module[:-3].replace("/", ".")
