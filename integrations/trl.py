@@ -67,7 +67,7 @@ from kd_plugins.integrations.cross_tokenizer import (
 from kd_plugins.integrations.sharding import check_sharded_setup, clip_jointly, prepare_teacher, sharded_kind
 from kd_plugins.integrations.teachers import LiveTeacher, check_compatible, model_info, resolve_teacher
 from kd_plugins.integrations.transformers import DistillationCallback
-from kd_plugins.integrations.vocabulary import shared_vocabulary, teacher_tokenizer_of, tokenizer_of
+from kd_plugins.integrations.vocabulary import load_tokenizer, shared_vocabulary, teacher_tokenizer_of, tokenizer_of
 from kd_plugins.plan import HostFacts, StepPlan, StudentMode
 from kd_plugins.types import BatchContext, ModelInfo, Requirements, TeacherSource
 
@@ -309,7 +309,8 @@ class KDTrainerMixin:
         if kind == "model":
             teacher_tokenizer = teacher_tokenizer_of(teacher, teacher_tokenizer)
         elif isinstance(source, TeacherCache) and source.cross_tokenizer:
-            teacher_tokenizer = teacher_tokenizer if teacher_tokenizer is not None else source.teacher_tokenizer()
+            teacher_tokenizer = (load_tokenizer(teacher_tokenizer) if teacher_tokenizer is not None
+                                 else source.teacher_tokenizer())
             source.check_tokenizers(student_tokenizer, teacher_tokenizer)
             kind = "model"  # the cache holds the teacher's outputs on its own tokenization
         else:

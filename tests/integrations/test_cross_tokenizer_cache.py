@@ -129,6 +129,9 @@ def test_mismatches_are_refused_before_the_first_step(written, tmp_path):
         _trainer(tmp_path / "a", cache, config={"cross_tokenizer": False}, terms=[TERMS[1]])
     with pytest.raises(TeacherCacheError, match=r"written for another teacher tokenizer \(hash "):
         _trainer(tmp_path / "b", cache, teacher_tokenizer=wordpiece(vocab=140))
+    wordpiece(vocab=140).save_pretrained(tmp_path / "other_teacher_tok")  # a path is loaded, then compared
+    with pytest.raises(TeacherCacheError, match=r"written for another teacher tokenizer \(hash "):
+        _trainer(tmp_path / "b2", cache, teacher_tokenizer=str(tmp_path / "other_teacher_tok"))
     other_student = byte_bpe(vocab=280)
     with pytest.raises(TeacherCacheError, match=r"written for another student tokenizer"):
         KDSFTTrainer(model=tiny_model(vocab=len(other_student), seed=0), args=sft_args(tmp_path / "c"),
