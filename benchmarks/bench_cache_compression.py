@@ -374,7 +374,7 @@ class TopkFrom(TeacherCache):
 def markdown(result: dict) -> str:
     k = result["k"]
     per = result["bytes"]["per_cache"]
-    lines = [f"Command: `nice -n 5 .venv/bin/python {result['command']}` (torch {result['torch']}, "
+    lines = [f"Command: `.venv/bin/python {result['command']}` (torch {result['torch']}, "
              f"{result['threads']} threads, {result['total_seconds'] / 60:.0f} min). SmolLM2-135M-Instruct teacher, "
              f"V = 49,152, H = 576, k = {k}; hidden states of teacher layers {result['cached_layers']} "
              f"({len(result['cached_layers'])} layers: the kept-layer pairs of student blocks "
