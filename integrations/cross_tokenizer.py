@@ -25,7 +25,7 @@ from kd_plugins.errors import ConfigError
 
 __all__ = ["CROSS_TOKENIZER_TERMS", "CrossTokenBatch", "CrossTokenizer", "check_cross_tokenizer_terms",
            "cross_tokenizer_for",
-           "cross_tokenizer_term_error", "shared_tokens"]
+           "cross_tokenizer_term_error", "same_tokens", "shared_tokens"]
 
 # word-start markers of byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) and of SentencePiece (Llama 2, Mistral):
 # both stand for a space, so "Ġthe" and "▁the" are one string
@@ -127,13 +127,7 @@ class CrossTokenizer:
         out: list[list[int]] = []
         for start in range(0, len(sequences), batch_size):
             rows = [list(map(int, row)) for row in sequences[start : start + batch_size]]
-            width = max((len(r) for r in rows), default=0)
-            ids = torch.zeros(len(rows), max(width, 1), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for b, row in enumerate(rows):
-                ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-                mask[b, : len(row)] = 1
-            teacher, _ = self.teacher_batch({"input_ids": ids, "attention_mask": mask})
+            teacher, _ = self.teacher_batch(_padded(rows, max(1, *map(len, rows)), 0))
             for row, row_mask in zip(teacher["input_ids"].tolist(), teacher["attention_mask"].tolist()):
                 out.append([i for i, m in zip(row, row_mask) if m])
         return out
@@ -260,12 +254,17 @@ def cross_tokenizer_for(
         raise ConfigError(f"cross_tokenizer: true needs both tokenizers to rebuild each example's text and align "
                           f"the two tokenizations, but {' and '.join(missing)} tokenizer is unknown; pass it "
                           "(kd-plugins sft: teacher_tokenizer: PATH)")
-    if student_tokenizer is teacher_tokenizer or student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab():
+    if same_tokens(student_tokenizer, teacher_tokenizer):
         return None
     if padding_free:
         raise ConfigError("cross_tokenizer: true cannot rebuild the texts of padding-free (packed) batches; set "
                           "padding_free=False and packing=False in the training arguments")
     return CrossTokenizer(student_tokenizer, teacher_tokenizer)
+
+
+def same_tokens(student_tokenizer: Any, teacher_tokenizer: Any) -> bool:
+    """Both tokenizers map every token string to the same id: the teacher can read the student's ids as they are."""
+    return student_tokenizer is teacher_tokenizer or student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
 
 
 def check_cross_tokenizer_terms(terms: Mapping[str, Any]) -> None:

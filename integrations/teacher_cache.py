@@ -209,7 +209,7 @@ def cache_teacher(
             "final_hidden": final_hidden,
             "student_tokenizer_hash": tokenizer_hash(student_tokenizer) if cross else None,
             "num_examples": len(examples),
-            "num_tokens": sum(len(rows_of[i]) for i in range(len(examples))),
+            "num_tokens": sum(map(len, rows_of)),
             "world_size": world,
             "kd_plugins_version": _version(),
             "shards": shards,
@@ -286,12 +286,10 @@ def _write_shards(model, info, examples, mine, out, *, rank, world, k, layer_ids
                     rows = {"input_ids": ids[b].to(torch.int32).cpu(),
                             **topk_codec.encode(values.cpu(), indices.cpu(),
                                                 None if log_tail is None else log_tail.cpu())}
-                    for layer in layer_ids:
-                        encoded = layer_codec.encode(teacher.hidden_states[layer][b].cpu())
-                        rows.update({f"hidden.{layer}{suffix}": t for suffix, t in encoded.items()})
-                    if final_hidden:
-                        encoded = layer_codec.encode(teacher.final_hidden[b].cpu())
-                        rows.update({f"{FINAL_HIDDEN}{suffix}": t for suffix, t in encoded.items()})
+                    states = [(f"hidden.{layer}", teacher.hidden_states[layer]) for layer in layer_ids]
+                    for name, state in states + ([(FINAL_HIDDEN, teacher.final_hidden)] if final_hidden else []):
+                        encoded = layer_codec.encode(state[b].cpu())
+                        rows.update({f"{name}{suffix}": t for suffix, t in encoded.items()})
                     results[i] = rows
                 done += ids.numel()
                 if progress:
@@ -317,14 +315,14 @@ def _write_shards(model, info, examples, mine, out, *, rank, world, k, layer_ids
 
 def _cross_tokenizer(student_tokenizer: Any, teacher_tokenizer: Any):
     """The :class:`~kd_plugins.integrations.cross_tokenizer.CrossTokenizer` a cross-tokenizer cache is written with."""
-    from kd_plugins.integrations.cross_tokenizer import CrossTokenizer
+    from kd_plugins.integrations.cross_tokenizer import CrossTokenizer, same_tokens
 
     if teacher_tokenizer is None:
         raise ValueError("student_tokenizer= writes a cross-tokenizer cache and needs the teacher's tokenizer as "
                          "tokenizer= (to tokenise each example's text as the teacher does)")
-    if tokenizer_hash(student_tokenizer) == tokenizer_hash(teacher_tokenizer):
-        raise ValueError("student_tokenizer= is the teacher's tokenizer (same vocabulary and special tokens): the "
-                         "teacher reads the student's ids as they are; drop student_tokenizer= for a plain cache")
+    if same_tokens(student_tokenizer, teacher_tokenizer):  # the rule a cross-tokenizer run applies
+        raise ValueError("student_tokenizer= is the teacher's tokenizer (the same token -> id map): the teacher "
+                         "reads the student's ids as they are; drop student_tokenizer= for a plain cache")
     return CrossTokenizer(student_tokenizer, teacher_tokenizer)
 
 
@@ -659,12 +657,9 @@ class TeacherCache:
 
         logprobs, indices = self._topk_codec.decode({name: read(name) for name in self._topk_codec.names})
         rows = {"input_ids": read("input_ids"), "topk_logprobs": logprobs, "topk_indices": indices}
-        for layer in layers:
-            rows[f"hidden.{layer}"] = self._hidden_codec.decode(
-                {suffix: read(f"hidden.{layer}{suffix}") for suffix in self._hidden_codec.suffixes()})
-        if final_hidden:
-            rows[FINAL_HIDDEN] = self._hidden_codec.decode(
-                {suffix: read(f"{FINAL_HIDDEN}{suffix}") for suffix in self._hidden_codec.suffixes()})
+        for name in [f"hidden.{layer}" for layer in layers] + ([FINAL_HIDDEN] if final_hidden else []):
+            rows[name] = self._hidden_codec.decode(
+                {suffix: read(f"{name}{suffix}") for suffix in self._hidden_codec.suffixes()})
         return rows
 
     def missing_rows(self, rows: Any) -> list[int]:

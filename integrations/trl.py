@@ -379,8 +379,7 @@ class KDTrainerMixin:
             return source
         if cross is not None:
             rows = [row for row in cross.teacher_sequences(sequences) if row]  # a row of special tokens: none
-            return check_cache_covers(source, rows, eos_token_id=None,
-                                      requirements=requirements)
+            return check_cache_covers(source, rows, eos_token_id=None, requirements=requirements)
         tokenizer = tokenizer_of(getattr(self, "processing_class", None))
         eos = None if tokenizer is None else tokenizer.eos_token_id
         return check_cache_covers(source, sequences, eos_token_id=eos, requirements=requirements)
