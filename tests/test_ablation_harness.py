@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,15 +14,13 @@ pytest.importorskip("matplotlib", reason="the ablation harness plots")
 pytest.importorskip("evaluate", reason="the ablation harness uses the bundled evaluate metrics")
 
 from tests.integrations.conftest import tiny_model, tiny_texts, tiny_tokenizer  # noqa: E402
+from tests._bench import load_benchmark  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location("kd_ablation_harness", ROOT / "benchmarks" / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ablation")
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,9 +3,7 @@ validation split, the suite on every seed at the chosen LR, resume."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,16 +12,13 @@ pytest.importorskip("trl", reason="the equal-compute ablation needs trl")
 pytest.importorskip("matplotlib", reason="the equal-compute ablation plots")
 
 from tests.test_ablation_harness import _corpus as fitted_corpus, _models as fitted_models  # noqa: E402
+from tests._bench import load_benchmark  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 BUDGET = 1.5  # CPU-seconds per run
 
 
 def _harness():
-    spec = importlib.util.spec_from_file_location("kd_equal_compute", ROOT / "benchmarks" / "equal_compute.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("equal_compute")
 
 
 def _models():

@@ -4,18 +4,14 @@ taken before, so the published counts cover every mutant."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests._bench import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("kd_mutation_benchmark", ROOT / "benchmarks" / "mutation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("mutation")
 
 
 def _write_meta(work: Path, codes: dict) -> None:

@@ -4,7 +4,6 @@ CUDA machine (``gpu`` marker: skipped here)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -15,15 +14,13 @@ import pytest
 import torch
 
 from .conftest import tiny_model
+from tests._bench import load_benchmark
 
 SCRIPT = Path(__file__).parents[2] / "benchmarks" / "gpu_check.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_check")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available: the check runs for real")

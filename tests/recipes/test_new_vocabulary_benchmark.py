@@ -3,10 +3,8 @@ bits/char per domain with the teacher's retention ratio, mean ± sd over seeds, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +12,8 @@ pytest.importorskip("trl", reason="the benchmark trains through KDSFTTrainer")
 
 from tests.integrations._two_tokenizers import byte_bpe  # noqa: E402
 from tests.integrations.conftest import tiny_model  # noqa: E402
+from tests._bench import load_benchmark  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["the cat sat on the mat and the dog sat on the log " * 4, "a cat and a dog are friends of the log " * 4,
          "unbelievably long words are split into pieces " * 4]
 HELDOUT = ["the dog sat on the mat", "a cat sat on the log"]
@@ -23,10 +21,7 @@ OTHER = {"wikipedia": ["naïve café — déjà vu, the cat"], "dialog": ["hello
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("kd_new_vocabulary", ROOT / "benchmarks" / "new_vocabulary.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("new_vocabulary")
 
 
 def _models():
