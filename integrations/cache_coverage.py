@@ -161,6 +161,12 @@ class AppendedEosCache:
                 hidden[layer][b, start:stop] = value[r, :n]
         capture = ModelCapture(info=self.info, hidden_states=hidden, topk_logprobs=logprobs, topk_indices=indices)
         capture.logit_scale, capture.logit_softcap = part.logit_scale, part.logit_softcap
+        if part.final_hidden is not None:  # a cache with final hidden states: the full distribution, as the cache's
+            capture.final_hidden = torch.zeros(batch, length, part.final_hidden.shape[-1],
+                                               dtype=part.final_hidden.dtype, device=part.final_hidden.device)
+            for r, (b, start, stop) in enumerate(places):
+                capture.final_hidden[b, start:stop] = part.final_hidden[r, : stop - start]
+            capture.lm_head_weight, capture.lm_head_bias = part.lm_head_weight, part.lm_head_bias
         return capture
 
 

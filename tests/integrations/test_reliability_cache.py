@@ -16,6 +16,7 @@ from kd_plugins.errors import ConfigError
 from kd_plugins.integrations.cache_coverage import AppendedEosCache
 from kd_plugins.integrations.teacher_cache import TeacherCache, TeacherCacheError, cache_teacher
 from kd_plugins.integrations.trl import KDSFTTrainer
+from kd_plugins.types import Requirements
 
 from .conftest import VOCAB, kd_config, sft_args, tiny_model, tiny_texts, tiny_tokenizer
 
@@ -183,3 +184,25 @@ def test_cache_teacher_bad_input_prints_a_message(tmp_path, teacher_dir, capsys,
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("kd-plugins cache-teacher: ") and "Traceback" not in err
     assert fragment.format(tmp=tmp_path) in err, err
+
+
+def test_an_appended_eos_keeps_the_full_distribution_of_a_cache_with_final_hidden_states(tmp_path):
+    tok, teacher = tiny_tokenizer(), _teacher()
+    ids = [tok(text)["input_ids"] for text in tiny_texts(4, seed=3)]
+    cache = cache_teacher(teacher, tok, ids, tmp_path / "cache", k=4, dtype="float32", final_hidden=True,
+                          progress=False)
+    eos = tok.eos_token_id
+    width = max(map(len, ids)) + 1
+    batch = torch.full((len(ids), width), tok.pad_token_id)
+    mask = torch.zeros_like(batch)
+    for b, row in enumerate(ids):  # the rows as TRL trains on them: the ids + EOS, right-padded
+        batch[b, : len(row) + 1] = torch.tensor(row + [eos])
+        mask[b, : len(row) + 1] = 1
+    capture = AppendedEosCache(cache, eos).capture({"input_ids": batch, "attention_mask": mask},
+                                                   Requirements(final_hidden=True))
+    assert capture.final_hidden is not None and capture.lm_head_weight is not None
+    with torch.no_grad():
+        for b, row in enumerate(ids):  # every position before the EOS: the teacher's own logits
+            logits = teacher(input_ids=torch.tensor([row])).logits[0]
+            dense = capture.final_hidden[b, : len(row)] @ capture.lm_head_weight.T
+            torch.testing.assert_close(dense, logits, rtol=1e-5, atol=1e-5)
